@@ -1,0 +1,114 @@
+"""caired's errors: one root, subclasses that also inherit the fitting builtin.
+
+Each error that ends a command carries its exit code (sysexits.h numbering), and
+its message is the one line a user reads: it says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    SESSION_FAILED = 1
+    USAGE = 2
+    NO_INPUT = 65  # EX_DATAERR: no usable frames
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: backend unreachable after the retries
+    SOFTWARE = 70  # EX_SOFTWARE: a bug
+    CANT_CREATE = 73  # EX_CANTCREAT: an output could not be written
+    IO_ERROR = 74  # EX_IOERR: a device (camera) failed
+    NO_PERMISSION = 77  # EX_NOPERM: the key was rejected
+    CONFIG = 78  # EX_CONFIG
+
+
+class CairedError(Exception):
+    """Root of caired's own errors. ``str(err)`` is a one-line message for users."""
+
+    exit_code: ExitCode = ExitCode.SOFTWARE
+
+
+class ConfigError(CairedError, ValueError):
+    """A configuration value is wrong: names the key, its source and what is allowed."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, key: str, source: str, problem: str) -> None:
+        self.key = key
+        self.source = source
+        self.problem = problem
+        where = f" (from {source})" if source else ""
+        super().__init__(f"{key}{where}: {problem}")
+
+
+class ConfigErrors(CairedError, ValueError):
+    """Several configuration problems, one line each."""
+
+    exit_code = ExitCode.CONFIG
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class NoFramesError(CairedError, FileNotFoundError):
+    """A folder is missing or holds no usable frame."""
+
+    exit_code = ExitCode.NO_INPUT
+
+
+class FrameError(CairedError, ValueError):
+    """One frame could not be read or decoded; the session skips it."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{name}: {problem}")
+
+
+class SessionError(CairedError):
+    """A streaming attempt ended without ``finished``.
+
+    ``permanent`` failures (message too big, protocol rejection) are not retried;
+    ``close_code`` is the WebSocket close code when there was one.
+    """
+
+    exit_code = ExitCode.SESSION_FAILED
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        close_code: int | None = None,
+        permanent: bool = False,
+        connected: bool = True,
+        retry_slow: bool = False,
+    ) -> None:
+        self.reason = reason
+        self.close_code = close_code
+        self.permanent = permanent
+        self.connected = connected
+        self.retry_slow = retry_slow
+        super().__init__(reason)
+
+
+class BackendUnavailable(SessionError):
+    """The backend could not be reached (refused, timeout, 5xx, 429)."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class KeyRejected(SessionError, PermissionError):
+    """The backend rejected the key or the path (HTTP 401/403, close 1008)."""
+
+    exit_code = ExitCode.NO_PERMISSION
+
+
+class FinishTimeout(SessionError, TimeoutError):
+    """The ``finished`` answer did not come within ``finish_timeout``."""
+
+
+class DeviceError(CairedError, OSError):
+    """A camera could not be opened or stopped delivering frames."""
+
+    exit_code = ExitCode.IO_ERROR
