@@ -1,0 +1,137 @@
+"""argparse -> Config -> logging -> the command; returns an exit code.
+
+Each command lives in its own module, which exposes ``register(subparsers)``. An
+option whose ``dest`` is a dotted config key (``dest="stream.fps"``) is a config flag:
+it overrides that key, and ``check-config`` reports it as ``flag --fps``. The command's
+handler is ``handler(cfg, args) -> int`` set with ``set_defaults(handler=...)``.
+
+User mistakes end in one line on stderr and a sysexits code; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from caired import __version__
+from caired.config import Config, key_file_warning
+from caired.errors import CairedError, ExitCode
+
+Handler = Callable[[Config, argparse.Namespace], int]
+
+# Modules that register a subcommand, in the order `caired --help` lists them.
+COMMANDS: Final = (
+    "caired.commands.stream",
+    "caired.commands.run",
+    "caired.record",
+    "caired.commands.check_config",
+    "caired.commands.backend",
+    "caired.synth",
+    "caired.commands.demo",
+    "caired.plot",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'caired stream: error: ...' and exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def add_bool(parser: argparse.ArgumentParser, name: str, dest: str, help: str) -> None:  # noqa: A002
+    """``--name/--no-name`` for a boolean config key."""
+    parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options every command that loads the configuration accepts."""
+    parser.add_argument("--config", metavar="PATH", help="TOML configuration file (or CAIRED_CONFIG)")
+    parser.add_argument(
+        "--log-level", dest="log.level", choices=["debug", "info", "warning", "error"], default=None
+    )
+    parser.add_argument(
+        "--log-format", dest="log.format", choices=["auto", "json", "console"], default=None,
+        help="stdout form: console on a terminal, JSON elsewhere (auto)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="caired",
+        description="Stream camera frames to the Caire rPPG backend; keep every answer as a JSON line.",
+    )
+    parser.add_argument("--version", action="version", version=f"caired {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def config_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+    """The dotted-dest options the user gave, as ``{key: (value, 'flag --name')}``."""
+    flags: dict[str, tuple[Any, str]] = {}
+    for action in _all_actions(parser, args):
+        if "." in action.dest and getattr(args, action.dest, None) is not None:
+            shown = action.option_strings[0] if action.option_strings else action.dest
+            flags[action.dest] = (getattr(args, action.dest), f"flag {shown}")
+    return flags
+
+
+def _all_actions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[argparse.Action]:
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, "command_parser", None)
+            if chosen is not None:
+                actions.extend(chosen._actions)
+    return actions
+
+
+def load_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    return Config.load(path=getattr(args, "config", None), flags=config_flags(parser, args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    try:
+        cfg = load_config(parser, args)
+        from caired import logging as clog
+
+        clog.configure(cfg)
+        if cfg.backend.api_key_file and (warning := key_file_warning(cfg.backend.api_key_file)):
+            clog.get_logger().warning("key_file_readable_by_others", problem=warning)
+        return int(handler(cfg, args))
+    except CairedError as exc:
+        _say(args, exc)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _say(args: argparse.Namespace, exc: CairedError) -> None:
+    prog = f"caired {getattr(args, 'command', '')}".strip()
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"{prog}: {line}", file=sys.stderr)
+
+
+def command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """Register a subcommand; the parser remembers itself so config flags can be found."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(handler=handler, command=name, command_parser=parser)
+    return parser
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

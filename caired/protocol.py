@@ -1,0 +1,149 @@
+"""The wire contract (../shared/protocol.md): payloads, URLs, answers, close codes. No I/O.
+
+A client message has exactly five keys. ``frame_data`` is standard base64 and
+``datapt_id`` a canonical UUIDv4, neither of which needs JSON escaping, so a message
+is assembled by concatenation rather than by ``json.dumps`` over a megabyte string.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import uuid
+from typing import Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import attrs
+
+REDACTED: Final = "***"
+STATE_STREAM: Final = "stream"
+STATE_END: Final = "end"
+PAYLOAD_KEYS: Final = frozenset({"datapt_id", "state", "frame_data", "timestamp", "advanced"})
+UUID4_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+TIMESTAMP_RE: Final = re.compile(r"^\d+(\.\d+)?$")
+
+State = Literal["stream", "end"]
+
+
+def new_datapt_id() -> str:
+    return str(uuid.uuid4())
+
+
+def encode_message(datapt_id: str, state: State, frame_b64: str, timestamp: str, advanced: bool) -> str:
+    """One client message, byte for byte what ``json.dumps`` of the five keys gives."""
+    if not UUID4_RE.match(datapt_id):
+        raise ValueError(f"datapt_id is not a canonical UUIDv4: {datapt_id!r}")
+    if not TIMESTAMP_RE.match(timestamp):
+        raise ValueError(f"timestamp is not UNIX seconds: {timestamp!r}")
+    return "".join(
+        (
+            '{"datapt_id": "', datapt_id,
+            '", "state": "', state,
+            '", "frame_data": "', frame_b64,
+            '", "timestamp": "', timestamp,
+            '", "advanced": ', "true" if advanced else "false",
+            "}",
+        )
+    )
+
+
+def build_url(base: str, *, api_key: str, auth: str, client: str) -> str:
+    """The connection URL: the base's own query kept, ``api_key`` added for query auth."""
+    parts = urlsplit(base)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if client and not any(k == "client" for k, _ in query):
+        query.append(("client", client))
+    if auth == "query" and api_key:
+        query.append(("api_key", api_key))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def auth_headers(*, api_key: str, auth: str) -> list[tuple[bytes, bytes]]:
+    if auth == "header" and api_key:
+        return [(b"Authorization", b"Bearer " + api_key.encode("utf-8"))]
+    return []
+
+
+def redact_url(url: str) -> str:
+    """The URL with any ``api_key`` value replaced by ``***``; safe to log."""
+    return re.sub(r"(?i)(api_key=)[^&#\s'\"]*", r"\g<1>" + REDACTED, url)
+
+
+@attrs.frozen
+class Answer:
+    """One server message as received: JSON (a dict), other text, or binary (its length)."""
+
+    kind: Literal["json", "text", "binary"]
+    body: Any
+
+    @property
+    def state(self) -> str | None:
+        if self.kind == "json" and isinstance(self.body, dict):
+            state = self.body.get("state")
+            return state if isinstance(state, str) else None
+        return None
+
+    @property
+    def hr(self) -> float | None:
+        """The heart rate, or None while the model warms up (missing, null or -1)."""
+        if self.kind != "json" or not isinstance(self.body, dict):
+            return None
+        inference = self.body.get("inference")
+        if not isinstance(inference, dict):
+            return None
+        hr = inference.get("hr")
+        if isinstance(hr, bool) or not isinstance(hr, int | float) or hr < 0:
+            return None
+        return float(hr)
+
+    def for_log(self) -> Any:
+        """What goes under ``response`` in the log: the whole message, unfiltered."""
+        if self.kind == "binary":
+            return {"binary_bytes": self.body}
+        return self.body
+
+
+def parse_answer(message: str | bytes) -> Answer:
+    if isinstance(message, bytes | bytearray):
+        return Answer("binary", len(message))
+    try:
+        body = json.loads(message)
+    except ValueError:
+        return Answer("text", message)
+    return Answer("json", body)
+
+
+class CloseKind(enum.Enum):
+    SUCCESS = "success"
+    RETRY = "retry"  # transient: retry with backoff
+    RETRY_SLOW = "retry_slow"  # the server asked for time: retry with a longer backoff
+    REJECTED = "rejected"  # key or path: a configuration error, no blind retry
+    TOO_BIG = "too_big"  # this session's payload is the problem
+    PROTOCOL = "protocol"  # the server refused our messages: retrying sends the same
+
+
+def classify_close(code: int | None) -> CloseKind:
+    """The client's reaction to a close code, per the protocol's table."""
+    if code == 1000:
+        return CloseKind.SUCCESS
+    if code == 1008:
+        return CloseKind.REJECTED
+    if code == 1009:
+        return CloseKind.TOO_BIG
+    if code in (1012, 1013):
+        return CloseKind.RETRY_SLOW
+    if code in (1002, 1003, 1007):
+        return CloseKind.PROTOCOL
+    return CloseKind.RETRY  # 1001, 1006, 1011, 1005, unknown and application codes
+
+
+def classify_status(status: int) -> CloseKind:
+    """The reaction to an HTTP status that refused the handshake."""
+    if status in (401, 403):
+        return CloseKind.REJECTED
+    if status == 429:
+        return CloseKind.RETRY_SLOW
+    if status == 404:
+        return CloseKind.REJECTED  # a wrong path; retrying will not find it
+    return CloseKind.RETRY
