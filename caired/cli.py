@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
-def add_bool(parser: argparse.ArgumentParser, name: str, dest: str, help: str) -> None:  # noqa: A002
+def add_bool(parser: argparse.ArgumentParser, name: str, dest: str, help: str) -> None:
     """``--name/--no-name`` for a boolean config key."""
     parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help)
 

@@ -55,7 +55,7 @@ class Secret(str):
         return format(str(self), spec)
 
 
-def _meta(help: str, *env: str) -> dict[str, Any]:  # noqa: A002 - reads as prose
+def _meta(help: str, *env: str) -> dict[str, Any]:
     return {"help": help, "env": env}
 
 
