@@ -1,0 +1,361 @@
+"""Synthetic "pulsing face" frames: timestamp-named PNGs with a known heart rate.
+
+The scene is a face-like skin ellipse (hair, eyes, brows, mouth) on a textured wall,
+swaying a few pixels, under a slowly drifting exposure, with per-pixel sensor noise.
+The skin carries a blood-volume pulse at ``bpm``: a systolic peak and a dicrotic wave
+per beat, with slight beat-to-beat variability, about one intensity level of 255 in
+green and less in red and blue (relative weights 0.33, 0.77, 0.53, as measured in the
+rPPG literature). It is invisible to the eye and findable by rPPG.
+
+Everything is deterministic for a given ``seed``: each frame's noise comes from its
+own generator spawned from the seed, so frames can be rendered in any order, on any
+thread, and come out the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from caired.errors import ConfigError
+
+if TYPE_CHECKING:
+    from caired.config import Config
+
+Image = npt.NDArray[np.uint8]
+Floats = npt.NDArray[np.float32]
+
+BPM_RANGE: Final = (30.0, 240.0)
+MIN_SIZE: Final = 16
+MAX_SIZE: Final = 8192
+MAX_FPS: Final = 1000.0
+# Relative pulse strength per channel, B, G, R order (R 0.33, G 0.77, B 0.53).
+PULSE_WEIGHTS_BGR: Final = np.array([0.53, 0.77, 0.33], dtype=np.float32)
+# Relative skin modulation: green swings about 0.9 levels peak to peak on ~150.
+PULSE_DEPTH: Final = 0.008
+NOISE_SIGMA: Final = 2.5  # sensor noise, levels of 255, per pixel and channel
+SKIN_BGR: Final = (122.0, 152.0, 206.0)
+
+
+def check(*, bpm: float, seconds: float, fps: float, width: int, height: int) -> list[tuple[str, str]]:
+    """The problems with these parameters, as (option name, what is allowed); empty when fine."""
+    problems: list[tuple[str, str]] = []
+    if not BPM_RANGE[0] <= bpm <= BPM_RANGE[1]:
+        problems.append(("bpm", f"must be between {BPM_RANGE[0]:g} and {BPM_RANGE[1]:g}"))
+    if not 0 < seconds <= 24 * 3600:
+        problems.append(("seconds", "must be greater than 0 (and at most a day)"))
+    if not 0 < fps <= MAX_FPS:
+        problems.append(("fps", f"must be greater than 0 and at most {MAX_FPS:g}"))
+    for name, value in (("width", width), ("height", height)):
+        if not MIN_SIZE <= value <= MAX_SIZE:
+            problems.append((name, f"must be between {MIN_SIZE} and {MAX_SIZE} pixels"))
+    return problems
+
+
+def frame_count(seconds: float, fps: float) -> int:
+    """Frames in a clip: at least one, ``seconds * fps`` rounded."""
+    return max(1, round(seconds * fps))
+
+
+def stem(timestamp: float) -> str:
+    """A frame's file stem: UNIX seconds with 7 decimals, e.g. ``1747154380.5511632``."""
+    return f"{timestamp:.7f}"
+
+
+def render_frames(
+    *,
+    bpm: float,
+    seconds: float,
+    fps: float,
+    width: int,
+    height: int,
+    seed: int | None = None,
+    start: float | None = None,
+) -> Iterator[tuple[str, Image]]:
+    """Yield ``(timestamp stem, BGR uint8 image)``; frame i is taken at ``start + i / fps``."""
+    problems = check(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height)
+    if problems:
+        raise ValueError("; ".join(f"{name} {problem}" for name, problem in problems))
+    scene = _Scene(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed)
+    stems = _stems(time.time() if start is None else start, fps, scene.count)
+    for i, name in enumerate(stems):
+        yield name, scene.frame(i)
+
+
+def synthesize(
+    directory: Path,
+    *,
+    bpm: float = 72.0,
+    seconds: float = 10.0,
+    fps: float = 30.0,
+    width: int = 640,
+    height: int = 480,
+    seed: int | None = None,
+    start: float | None = None,
+) -> list[Path]:
+    """Write the frames as ``<stem>.png`` in ``directory`` (created if missing); return their paths in order.
+
+    Each file appears whole: it is written under a hidden temporary name and renamed.
+    Rendering and PNG encoding run on a small thread pool (numpy and cv2 release the GIL).
+    """
+    problems = check(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height)
+    if problems:
+        raise ValueError("; ".join(f"{name} {problem}" for name, problem in problems))
+    directory.mkdir(parents=True, exist_ok=True)
+    scene = _Scene(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed)
+    stems = _stems(time.time() if start is None else start, fps, scene.count)
+    paths = [directory / f"{name}.png" for name in stems]
+    workers = max(1, min(4, os.cpu_count() or 1))
+    pending: collections.deque[Future[None]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth") as pool:
+        try:
+            for i, path in enumerate(paths):
+                if len(pending) >= 2 * workers:  # bounded memory: wait for the oldest
+                    pending.popleft().result()
+                pending.append(pool.submit(_write_frame, scene, i, path))
+            while pending:
+                pending.popleft().result()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return paths
+
+
+def _stems(start: float, fps: float, count: int) -> list[str]:
+    stems = [stem(start + i / fps) for i in range(count)]
+    if any(float(a) >= float(b) for a, b in itertools.pairwise(stems)):
+        raise ValueError(f"fps {fps:g} is too high for 7-decimal timestamps at {start:.7f}")
+    return stems
+
+
+def _write_frame(scene: _Scene, index: int, path: Path) -> None:
+    ok, png = cv2.imencode(".png", scene.frame(index))
+    if not ok:
+        raise OSError(f"cv2 could not encode {path.name} as PNG")
+    tmp = path.with_name(f".{path.stem}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(png.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def ppg_template(phase: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """One beat of a fingertip-like PPG at ``phase`` in [0, 1): systolic peak, notch, dicrotic wave.
+
+    A periodic mixture of Gaussians, scaled to zero mean and unit peak-to-peak.
+    """
+    components = ((0.20, 0.070, 1.00), (0.43, 0.060, 0.32), (0.55, 0.090, 0.38))  # (centre, width, height)
+    grid = np.linspace(0.0, 1.0, 512, endpoint=False)
+
+    def mixture(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        total = np.zeros_like(x)
+        for centre, width, height in components:
+            for wrap in (-1.0, 0.0, 1.0):
+                total += height * np.exp(-0.5 * ((x - centre - wrap) / width) ** 2)
+        return total
+
+    reference = mixture(grid)
+    lo, hi, mean = reference.min(), reference.max(), reference.mean()
+    wave: npt.NDArray[np.float64] = (mixture(phase) - mean) / (hi - lo)
+    return wave
+
+
+def pulse_wave(
+    times: npt.NDArray[np.float64], bpm: float, rng: np.random.Generator
+) -> npt.NDArray[np.float64]:
+    """The blood-volume pulse at ``times`` (seconds), unit peak-to-peak, averaging exactly ``bpm``.
+
+    Beat-to-beat intervals wander by a few percent (a smoothed random walk, rescaled so
+    their mean is 60 / bpm) and each beat's height varies slightly, as in a resting person.
+    """
+    period = 60.0 / bpm
+    span = float(times[-1] - times[0]) if len(times) else 0.0
+    beats = int(span / period) + 3
+    wander = np.convolve(rng.standard_normal(beats + 4), np.ones(5) / math.sqrt(5), mode="valid")[:beats]
+    intervals = period * (1.0 + 0.03 * wander)
+    intervals *= period / intervals.mean()
+    onsets = times[0] - rng.uniform(0.0, period) + np.concatenate(([0.0], np.cumsum(intervals)))
+    heights = 1.0 + 0.06 * rng.standard_normal(beats)
+    beat = np.clip(np.searchsorted(onsets, times, side="right") - 1, 0, beats - 1)
+    phase = np.clip((times - onsets[beat]) / intervals[beat], 0.0, 1.0 - 1e-9)
+    return heights[beat] * ppg_template(phase)
+
+
+class _Scene:
+    """The layers of one clip, rendered once; ``frame(i)`` is pure and thread-safe."""
+
+    def __init__(self, *, bpm: float, seconds: float, fps: float, width: int, height: int, seed: int | None) -> None:
+        self.count = frame_count(seconds, fps)
+        self.width, self.height = width, height
+        root = np.random.SeedSequence(seed)
+        scene_seq, pulse_seq, self._noise_seq = root.spawn(3)
+        rng = np.random.default_rng(scene_seq)
+        times = np.arange(self.count, dtype=np.float64) / fps
+
+        self._background = _wall(width, height, rng)
+        self._face, self._alpha, self._skin = _face(width, height, rng)
+        pulse = pulse_wave(times, bpm, np.random.default_rng(pulse_seq))
+        breath = 0.25 * np.sin(2 * np.pi * 0.23 * times + rng.uniform(0, 2 * np.pi))  # venous, out of band
+        self._pulse = (PULSE_DEPTH * (pulse + breath)).astype(np.float32)
+        # Auto-exposure drifting by half a percent, slowly.
+        self._gain = (1.0 + 0.005 * np.sin(2 * np.pi * 0.05 * times + rng.uniform(0, 2 * np.pi))).astype(np.float32)
+        # Sway of a few pixels: two slow sinusoids per axis with random phases.
+        scale = min(width, height) / 480.0
+        phases = rng.uniform(0, 2 * np.pi, 4)
+        self._dx = scale * (2.5 * np.sin(2 * np.pi * 0.11 * times + phases[0]) + np.sin(0.6 * times + phases[1]))
+        self._dy = scale * (1.5 * np.sin(2 * np.pi * 0.07 * times + phases[2]) + np.sin(0.4 * times + phases[3]))
+
+    def frame(self, index: int) -> Image:
+        rng = np.random.default_rng(_child(self._noise_seq, index))
+        layer = np.asarray(self._face + (self._pulse[index] * PULSE_WEIGHTS_BGR) * self._skin, dtype=np.float32)
+        shift = np.array([[1.0, 0.0, self._dx[index]], [0.0, 1.0, self._dy[index]]], dtype=np.float64)
+        moved = np.asarray(
+            cv2.warpAffine(
+                np.dstack((layer, self._alpha)),
+                shift,
+                (self.width, self.height),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=(0.0, 0.0, 0.0, 0.0),
+            ),
+            dtype=np.float32,
+        )
+        alpha = moved[:, :, 3:4]
+        image: Floats = self._background * (1.0 - alpha) + moved[:, :, :3]  # the face layer is premultiplied
+        image *= self._gain[index]
+        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(NOISE_SIGMA)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _child(seq: np.random.SeedSequence, index: int) -> np.random.SeedSequence:
+    """The seed of frame ``index``: the same whatever order frames are rendered in."""
+    return np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, index))
+
+
+def _blurred_noise(height: int, width: int, rng: np.random.Generator, sigma: float) -> Floats:
+    noise = rng.standard_normal((height, width), dtype=np.float32)
+    blurred = cv2.GaussianBlur(noise, (0, 0), sigma)
+    spread = float(blurred.std()) or 1.0
+    return (blurred / spread).astype(np.float32)
+
+
+def _wall(width: int, height: int, rng: np.random.Generator) -> Floats:
+    """A grey-blue wall: lit from one side, with plaster-like texture and a darker skirting."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    light = 0.85 + 0.25 * (xs / width) - 0.10 * (ys / height)
+    base = np.array([128.0, 112.0, 100.0], dtype=np.float32)
+    texture = 4.0 * _blurred_noise(height, width, rng, max(1.0, width / 160)) + 3.0 * _blurred_noise(
+        height, width, rng, max(0.6, width / 640)
+    )
+    wall: Floats = (base * light[:, :, None] + texture[:, :, None]).astype(np.float32)
+    wall[ys > 0.86 * height] *= 0.55  # a darker skirting board
+    return wall
+
+
+def _face(width: int, height: int, rng: np.random.Generator) -> tuple[Floats, Floats, Floats]:
+    """The face layer premultiplied by its soft alpha, the alpha, and the bare skin (where the pulse shows)."""
+    cx, cy = width / 2.0, height * 0.50
+    ax, ay = width * 0.15, height * 0.28
+    unit = min(width, height) / 480.0
+    Ellipse = tuple[tuple[float, float], tuple[float, float]]  # centre, semi-axes
+
+    def soft(ellipses: list[Ellipse], blur: float) -> Floats:
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for (x, y), (a, b) in ellipses:  # cv2 takes integers: draw with 4 fractional bits
+            centre, axes = (round(x * 16), round(y * 16)), (max(1, round(a * 16)), max(1, round(b * 16)))
+            cv2.ellipse(mask, centre, axes, 0, 0, 360, 255, -1, cv2.LINE_AA, 4)
+        return cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), max(0.5, blur * unit)).astype(np.float32)
+
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    face = soft([((cx, cy), (ax, ay))], 1.5)
+    neck = soft([((cx, cy + ay * 1.1), (ax * 0.48, ay * 0.55))], 1.5) * (1.0 - face)
+    head = np.clip(face + neck, 0.0, 1.0)
+    shirt = soft([((cx, cy + ay * 2.05), (ax * 2.6, ay * 0.62))], 2.0)
+    head = head * (1.0 - shirt)
+    hair = soft([((cx, cy - ay * 0.45), (ax * 1.1, ay * 0.7))], 2.0)
+    above_hairline = 0.5 - 0.5 * np.tanh((ys - (cy - ay * 0.6)) / (3.0 * unit))
+    hair = hair * (1.0 - head + head * above_hairline)
+    eye_l, eye_r = (cx - ax * 0.40, cy - ay * 0.12), (cx + ax * 0.40, cy - ay * 0.12)
+    eyes = soft([(eye_l, (ax * 0.17, ay * 0.06)), (eye_r, (ax * 0.17, ay * 0.06))], 1.0)
+    brows = soft([((eye_l[0], eye_l[1] - ay * 0.13), (ax * 0.22, ay * 0.03)),
+                  ((eye_r[0], eye_r[1] - ay * 0.13), (ax * 0.22, ay * 0.03))], 1.0)
+    mouth = soft([((cx, cy + ay * 0.45), (ax * 0.30, ay * 0.06))], 1.2)
+    nose = soft([((cx, cy + ay * 0.18), (ax * 0.10, ay * 0.05))], 2.0)
+
+    # Light from the upper left; a darker nose tip; faint blotches.
+    shading = 1.0 - 0.12 * ((xs - cx) / ax) ** 2 - 0.05 * (ys - cy) / ay - 0.06 * (xs - cx) / ax - 0.08 * nose
+    shading -= 0.22 * neck  # in the chin's shadow
+    shading *= 1.0 + 0.02 * _blurred_noise(height, width, rng, 3.0 * unit)
+    skin_colour = np.array(SKIN_BGR, dtype=np.float32) * shading[:, :, None]
+
+    dark = np.clip(eyes + brows, 0.0, 1.0) * head
+    lips = mouth * head
+    skin = np.clip(head * (1.0 - hair) * (1.0 - dark) * (1.0 - lips), 0.0, 1.0)
+    bare = skin_colour * skin[:, :, None]
+    colour = (
+        bare
+        + np.array([45.0, 50.0, 58.0], dtype=np.float32) * dark[:, :, None]
+        + np.array([70.0, 80.0, 150.0], dtype=np.float32) * lips[:, :, None]
+        + np.array([28.0, 34.0, 44.0], dtype=np.float32) * hair[:, :, None]
+        + np.array([88.0, 96.0, 40.0], dtype=np.float32) * (shirt * (0.9 + 0.1 * xs / width))[:, :, None]
+    )
+    alpha = np.clip(head + hair + shirt, 0.0, 1.0)
+    return colour.astype(np.float32), alpha.astype(np.float32), bare.astype(np.float32)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``caired synth DIR``: write a clip of synthetic frames."""
+    from caired.cli import add_common, command
+
+    parser = command(
+        sub,
+        "synth",
+        _main,
+        help="write synthetic timestamp-named PNG frames with a pulse",
+        description="Write a clip of synthetic face frames whose skin pulses at a known heart rate.",
+    )
+    add_common(parser)
+    parser.add_argument("dir", type=Path, help="folder to write <timestamp>.png frames into (created if missing)")
+    parser.add_argument("--bpm", type=float, default=72.0, help="heart rate carried by the skin (30-240)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
+    parser.add_argument("--fps", type=float, default=30.0, help="frames per second (sets the timestamp spacing)")
+    parser.add_argument("--width", type=int, default=640, help="frame width in pixels")
+    parser.add_argument("--height", type=int, default=480, help="frame height in pixels")
+    parser.add_argument("--seed", type=int, default=None, help="make the clip reproducible")
+    parser.add_argument("--start", type=float, default=None, help="first timestamp, UNIX seconds (default: now)")
+
+
+def _main(cfg: Config, args: argparse.Namespace) -> int:
+    problems = check(bpm=args.bpm, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
+    if problems:
+        name, problem = problems[0]
+        raise ConfigError(name, f"flag --{name}", problem)
+    paths = synthesize(
+        args.dir,
+        bpm=args.bpm,
+        seconds=args.seconds,
+        fps=args.fps,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        start=args.start,
+    )
+    structlog.get_logger().info("synth_written", dir=str(args.dir), frames=len(paths), bpm=args.bpm)
+    return 0
