@@ -1,0 +1,261 @@
+"""sd_notify against a real datagram socket, the watchdog under MockClock, and the unit file."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from caired.systemd import Notifier, serve_watchdog
+
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "caired.service"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket standing in for systemd's notify socket."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    yield sock, str(path)
+    sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every datagram waiting on the socket, decoded."""
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return out
+
+
+def test_ready_status_stopping_reach_the_socket(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+    assert notifier.enabled
+    assert notifier.watchdog_interval is None
+    notifier.ready()
+    notifier.status("streaming 2 sessions\nsecond line")
+    notifier.notify(ERRNO="5", BUSERROR="x")
+    notifier.stopping()
+    notifier.close()
+    assert received(sock) == [
+        "READY=1\n",
+        "STATUS=streaming 2 sessions second line\n",
+        "ERRNO=5\nBUSERROR=x\n",
+        "STOPPING=1\n",
+    ]
+    assert not notifier.enabled
+
+
+def test_reloading_carries_the_monotonic_clock(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    [message] = received(sock)
+    match = re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=(\d+)\n", message)
+    assert match, message
+    assert before <= int(match[1]) <= after
+
+
+def test_abstract_socket_name() -> None:
+    name = f"caired-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.setblocking(False)
+        notifier = Notifier.from_env({"NOTIFY_SOCKET": "@" + name})
+        notifier.ready()
+        notifier.close()
+        assert received(sock) == ["READY=1\n"]
+
+
+def test_status_is_sent_only_when_it_changes(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+    for text in ["idle", "idle", "idle\n", "busy", "idle"]:
+        notifier.status(text)
+    assert received(sock) == ["STATUS=idle\n", "STATUS=busy\n", "STATUS=idle\n"]
+
+
+def test_outside_systemd_everything_is_a_no_op() -> None:
+    notifier = Notifier.from_env({"WATCHDOG_USEC": "1000000"})
+    assert not notifier.enabled
+    assert notifier.watchdog_interval is None
+    with capture_logs() as logs:
+        notifier.ready()
+        notifier.status("x")
+        notifier.reloading()
+        notifier.watchdog()
+        notifier.notify(FOO="bar")
+        notifier.stopping()
+        notifier.close()
+    assert logs == []
+
+
+def test_a_vanished_socket_warns_once_and_never_raises(tmp_path: Path) -> None:
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+    assert notifier.enabled
+    with capture_logs() as logs:
+        notifier.ready()
+        notifier.status("one")
+        notifier.watchdog()
+    assert [entry["event"] for entry in logs] == ["sd_notify_failed"]
+    assert logs[0]["log_level"] == "warning"
+
+
+def test_failed_status_is_sent_again_once_the_socket_is_back(tmp_path: Path) -> None:
+    path = tmp_path / "notify"
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": str(path)})
+    with capture_logs():
+        notifier.status("idle")  # nobody listens yet
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        notifier.status("idle")
+        assert received(sock) == ["STATUS=idle\n"]
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec(listener: tuple[socket.socket, str]) -> None:
+    _, path = listener
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "30000000"}
+    assert Notifier.from_env(env).watchdog_interval == 15.0
+    assert Notifier.from_env({**env, "WATCHDOG_PID": str(os.getpid())}).watchdog_interval == 15.0
+    assert Notifier.from_env({**env, "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_interval is None
+    assert Notifier.from_env({**env, "WATCHDOG_USEC": "0"}).watchdog_interval is None
+    assert Notifier.from_env({**env, "WATCHDOG_USEC": "soon"}).watchdog_interval is None
+
+
+async def test_watchdog_pings_at_half_the_period(
+    listener: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    sock, path = listener
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000000"})
+    tsock = trio.socket.from_stdlib_socket(sock.dup())
+    pings: list[tuple[float, bytes]] = []
+    start = trio.current_time()
+
+    async def receive() -> None:
+        while True:
+            data = await tsock.recv(4096)
+            pings.append((trio.current_time() - start, data))
+
+    with tsock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await nursery.start(serve_watchdog, notifier)
+            await trio.sleep(35)
+            nursery.cancel_scope.cancel()
+    assert pings == [(0.0, b"WATCHDOG=1\n"), (10.0, b"WATCHDOG=1\n"), (20.0, b"WATCHDOG=1\n"), (30.0, b"WATCHDOG=1\n")]
+
+
+async def test_watchdog_of_another_pid_is_not_served(
+    listener: tuple[socket.socket, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    sock, path = listener
+    notifier = Notifier.from_env(
+        {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "20000000", "WATCHDOG_PID": str(os.getpid() + 1)}
+    )
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_watchdog, notifier)
+    assert trio.current_time() == start  # returned at once
+    assert received(sock) == []
+
+
+async def test_serve_watchdog_returns_at_once_outside_systemd(autojump_clock: trio.testing.MockClock) -> None:
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_watchdog, Notifier.from_env({}))
+    assert trio.current_time() == start
+
+
+# --- the unit file --------------------------------------------------------------------
+
+needs_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Every 'Key=value' of the unit, in order; keys may repeat."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def runnable_copy(tmp_path: Path) -> Path:
+    """The shipped unit with ExecStart pointing at a binary that exists on this machine."""
+    text = UNIT.read_text()
+    shipped = "ExecStart=/opt/caired/bin/caired "
+    assert text.count(shipped) == 1
+    true = shutil.which("true")
+    assert true is not None
+    copy = tmp_path / "caired.service"
+    copy.write_text(text.replace(shipped, f"ExecStart={true} "))
+    return copy
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    assert SYSTEMD_ANALYZE is not None
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, *args], capture_output=True, text=True, timeout=60, env={**os.environ, "SYSTEMD_COLORS": "0"}
+    )
+
+
+def test_unit_runs_the_daemon_as_a_notify_service_with_a_watchdog() -> None:
+    settings = unit_settings(UNIT.read_text())
+    assert settings["Type"] == ["notify"]
+    assert settings["NotifyAccess"] == ["main"]
+    assert settings["ExecStart"] == ["/opt/caired/bin/caired run --config /etc/caired/caired.toml"]
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert settings["WatchdogSec"] == ["30s"]
+    assert settings["User"] == ["caired"]
+    assert settings["CapabilityBoundingSet"] == [""]
+    # The daemon's paths are the ones systemd creates and leaves writable.
+    assert settings["StateDirectory"] == ["caired"]  # /var/lib/caired
+    assert settings["LogsDirectory"] == ["caired"]  # /var/log/caired
+    assert settings["LoadCredential"] == ["api_key:/etc/caired/api_key"]
+    assert "copytruncate" not in UNIT.read_text()
+
+
+@needs_analyze
+def test_unit_verifies_cleanly(tmp_path: Path) -> None:
+    result = analyze("verify", str(runnable_copy(tmp_path)))
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if "caired" in line]
+    assert complaints == []
+    assert result.returncode == 0
+
+
+@needs_analyze
+def test_shipped_unit_only_lacks_the_installed_binary() -> None:
+    result = analyze("verify", str(UNIT))
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if "caired" in line]
+    assert complaints == ["caired.service: Command /opt/caired/bin/caired is not executable: No such file or directory"]
+
+
+@needs_analyze
+def test_unit_sandbox_is_rated_ok(tmp_path: Path) -> None:
+    result = analyze("security", "--offline=yes", str(runnable_copy(tmp_path)))
+    match = re.search(r"Overall exposure level for caired\.service: (\d+\.\d+) (\w+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match[1]) <= 2.5, result.stdout
+    assert match[2] == "OK"
