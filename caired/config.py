@@ -231,7 +231,9 @@ class CameraConfig:
         default=480, validator=_between(16, 8192), metadata=_meta("capture height", "RES_HEIGHT")
     )
     fps: float = attrs.field(
-        default=30.0, validator=_between(0.1, 240), metadata=_meta("capture rate", "FPS")
+        default=30.0,
+        validator=_between(0, 240),
+        metadata=_meta("capture rate (0 = as fast as the device delivers)", "FPS"),
     )
     session_seconds: float = attrs.field(
         default=30.0, validator=_positive, metadata=_meta("one datapoint session per this much capture")

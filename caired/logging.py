@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import IO, Any, Final, TextIO
 
 import structlog
@@ -38,6 +38,7 @@ class LineSink:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._file_error: str | None = None
+        self.before_console_line: Callable[[], None] | None = None
         if path:
             self._fd = _open_log(path)
 
@@ -72,6 +73,8 @@ class LineSink:
                 self._write_file(data)
             try:
                 if self._console is not None:
+                    if self.before_console_line is not None:
+                        self.before_console_line()
                     self._stdout.write(self.redact(self._console(None, "", _for_console(event))) + "\n")
                 else:
                     self._stdout.write(line)
@@ -146,6 +149,12 @@ def configure(
 def reopen() -> None:
     if _sink is not None:
         _sink.reopen()
+
+
+def set_before_console_line(hook: Callable[[], None] | None) -> None:
+    """Called before each console line (the progress line clears itself there)."""
+    if _sink is not None:
+        _sink.before_console_line = hook
 
 
 def get_logger(**initial: Any) -> Any:

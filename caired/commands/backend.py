@@ -1,0 +1,55 @@
+"""``caired backend``: the local backend, for development, tests and the demo."""
+
+from __future__ import annotations
+
+import argparse
+
+import trio
+
+from caired.cli import add_common, command
+from caired.config import Config
+from caired.emulator.server import BackendOptions, Faults, serve_backend
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = command(sub, "backend", _main, help="run the local backend (protocol checks, rPPG estimate, faults)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8003, help="0 picks a free port (default 8003)")
+    p.add_argument("--api-key", default="", metavar="KEY", help="require this key (HTTP 403 otherwise)")
+    p.add_argument("--ok-every", type=int, default=15, metavar="N", help="an 'ok' answer every N frames")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false",
+                   help="answer a constant HR instead of estimating it from the frames")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip decoding and checking frames (throughput benchmarks only)")
+    faults = p.add_argument_group("fault injection")
+    faults.add_argument("--refuse", type=int, default=0, metavar="N", help="refuse the first N handshakes (HTTP 503)")
+    faults.add_argument("--drop-after", type=int, default=0, metavar="N",
+                        help="drop the connection after N frames (no close frame)")
+    faults.add_argument("--drop-times", type=int, default=1, metavar="N", help="... on the first N connections")
+    faults.add_argument("--close-after", type=int, default=0, metavar="N", help="close after N frames ...")
+    faults.add_argument("--close-code", type=int, default=1011, metavar="CODE", help="... with this code")
+    faults.add_argument("--withhold-finished", type=int, default=0, metavar="N",
+                        help="never answer 'finished' to the first N sessions")
+    faults.add_argument("--garbage-every", type=int, default=0, metavar="N",
+                        help="send a non-JSON and a binary message every N frames")
+    add_common(p)
+
+
+def _main(cfg: Config, args: argparse.Namespace) -> int:
+    options = BackendOptions(
+        api_key=args.api_key,
+        ok_every=args.ok_every,
+        estimate=args.estimate,
+        validate=args.validate,
+        faults=Faults(
+            refuse_handshakes=args.refuse,
+            drop_after=args.drop_after,
+            drop_times=args.drop_times,
+            close_after=args.close_after,
+            close_code=args.close_code,
+            withhold_finished=args.withhold_finished,
+            garbage_every=args.garbage_every,
+        ),
+    )
+    trio.run(lambda: serve_backend(options, host=args.host, port=args.port))
+    return 0

@@ -1,0 +1,70 @@
+"""``caired stream [DIR]``: stream one folder of frames as one session, then exit.
+
+Exit codes: 0 finished; 1 the session failed; 65 no usable frames; 69 backend
+unreachable after the retries; 77 key rejected; 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import structlog
+import trio
+
+from caired.cli import add_bool, add_common, command
+from caired.config import Config
+from caired.delivery import FolderSource, deliver
+from caired.progress import progress_line
+from caired.protocol import new_datapt_id
+from caired.session import Tally
+from caired.uplink import Gate
+
+log = structlog.get_logger()
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = command(sub, "stream", _main, help="stream one folder of frames as one session and exit",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", nargs="?", help="folder of <timestamp>.png frames (default: IMAGES_DIR, or ./images)")
+    add_backend_options(p)
+    add_stream_options(p)
+    p.add_argument("--retries", dest="retry.attempts", type=int, metavar="N",
+                   help="connection attempts before giving up, with backoff (0 = no limit; default 5)")
+    add_common(p)
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", dest="backend.url", metavar="URL", help="backend WebSocket URL (BACKEND_WS_BASE)")
+    p.add_argument("--api-key", dest="backend.api_key", metavar="KEY", help="API key (API_KEY; prefer a key file)")
+    p.add_argument("--api-key-file", dest="backend.api_key_file", metavar="PATH", help="read the API key from PATH")
+    p.add_argument("--auth", dest="backend.auth", choices=["query", "header"], help="how the key is sent")
+    p.add_argument("--connect-timeout", dest="backend.connect_timeout", type=float, metavar="S")
+    p.add_argument("--finish-timeout", dest="backend.finish_timeout", type=float, metavar="S",
+                   help="seconds to wait for 'finished' after the end message (default 30)")
+
+
+def add_stream_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fps", dest="stream.fps", type=float, metavar="N", help="frames per second (0 = unpaced)")
+    p.add_argument("--format", dest="stream.format", choices=["jpeg", "raw"], help="jpeg re-encodes; raw sends the PNG")
+    p.add_argument("--jpeg-quality", dest="stream.jpeg_quality", type=int, metavar="Q")
+    add_bool(p, "advanced", "stream.advanced", "ask for the continuous rPPG signal (default on)")
+
+
+def _main(cfg: Config, args: argparse.Namespace) -> int:
+    directory = Path(args.dir if args.dir else cfg.stream.images_dir)
+    trio.run(stream_folder, cfg, directory)
+    return 0
+
+
+async def stream_folder(cfg: Config, directory: Path) -> None:
+    limiter = trio.CapacityLimiter(os.cpu_count() or 2)
+    source = FolderSource(directory, cfg, limiter)
+    datapt_id = new_datapt_id()
+    with structlog.contextvars.bound_contextvars(source="cli", session=directory.name, datapt_id=datapt_id):
+        await source.prepare()
+        tally = Tally()
+        async with progress_line(tally):
+            await deliver(source, cfg=cfg, gate=Gate(cfg.retry), name=directory.name, datapt_id=datapt_id,
+                          attempts=cfg.retry.attempts, tally=tally)

@@ -1,0 +1,227 @@
+"""One datapoint session end to end: its frames, its attempts, its outcome.
+
+``deliver()`` is the one session implementation behind ``caired stream`` and the
+daemon. Every attempt starts encoding before it connects (the first frame leaves as
+soon as the connection opens), restarts from the first frame on a new connection,
+and keeps the session's one ``datapt_id``. Failures are retried through the shared
+``Gate``; permanent ones (payload too big, protocol rejection, no frames) are not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import structlog
+import trio
+
+from caired.config import Config
+from caired.errors import BackendUnavailable, FrameError, KeyRejected, NoFramesError, SessionError
+from caired.frames import EncodedFrame, FrameRef, encode_pipeline, encoder, list_frames
+from caired.protocol import Answer
+from caired.session import Feed, Finished, Tally, stream
+from caired.uplink import Gate, connect, endpoint
+
+log = structlog.get_logger()
+
+
+class FrameSource(Protocol):
+    """Where a session's frames come from; ``open()`` starts one attempt's feed."""
+
+    @property
+    def total(self) -> int | None: ...
+
+    def open(self) -> AbstractAsyncContextManager[Feed]: ...
+
+
+@attrs.define
+class FolderSource:
+    """A folder of ``<timestamp>.png`` frames, listed once, re-read on every attempt."""
+
+    directory: Path
+    cfg: Config
+    limiter: trio.CapacityLimiter
+    frames: tuple[FrameRef, ...] = ()
+    ignored: int = 0
+    skipped: set[str] = attrs.field(factory=set)
+
+    @property
+    def total(self) -> int | None:
+        return len(self.frames)
+
+    async def prepare(self) -> None:
+        """List the folder; NoFramesError when it is missing or has no frame file."""
+        listing = await trio.to_thread.run_sync(list_frames, self.directory)
+        self.frames, self.ignored = listing.frames, listing.ignored
+        if listing.ignored:
+            log.info("files_ignored", count=listing.ignored, reason="not named <timestamp>.png")
+        if not listing.frames:
+            raise NoFramesError(f"{self.directory}: no frames (expected files named like 1747154380.5511632.png)")
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Feed]:
+        stream_cfg = self.cfg.stream
+        encode = encoder(stream_cfg.format, stream_cfg.jpeg_quality)
+        async with encode_pipeline(self.frames, encode, depth=stream_cfg.send_queue, limiter=self.limiter) as chan:
+            yield Feed(chan, self._skip)
+
+    def _skip(self, error: FrameError) -> None:
+        if error.name not in self.skipped:  # once per session, not once per attempt
+            self.skipped.add(error.name)
+            log.warning("frame_skipped", frame=error.name, problem=error.problem)
+
+
+@attrs.define
+class LiveSource:
+    """Frames arriving as they are captured; one attempt only (store-and-forward covers the rest)."""
+
+    channel: trio.MemoryReceiveChannel[Any]
+    encode: Callable[[Any], EncodedFrame]
+    cfg: Config
+    limiter: trio.CapacityLimiter
+    skipped: int = 0
+    _used: bool = False
+
+    @property
+    def total(self) -> int | None:
+        return None
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Feed]:
+        if self._used:
+            raise SessionError("a live session cannot be streamed twice", permanent=True)
+        self._used = True
+        depth = self.cfg.stream.send_queue
+        async with encode_pipeline(self.channel, self.encode, depth=depth, limiter=self.limiter) as chan:
+            yield Feed(chan, self._skip)
+
+    def _skip(self, error: FrameError) -> None:
+        self.skipped += 1
+        log.warning("frame_skipped", frame=error.name, problem=error.problem)
+
+
+@attrs.frozen
+class Delivered:
+    """A finished session, as ``result.json`` records it."""
+
+    name: str
+    datapt_id: str
+    attempts: int
+    finished: Finished
+    started_at: float
+    ended_at: float
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "session": self.name,
+            "datapt_id": self.datapt_id,
+            "attempts": self.attempts,
+            "frames_sent": self.finished.sent,
+            "frames_skipped": self.finished.skipped,
+            "answers": self.finished.answers,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "hr": self.finished.hr,
+            "finished": self.finished.message,
+            **extra,
+        }
+
+
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def deliver(
+    source: FrameSource,
+    *,
+    cfg: Config,
+    gate: Gate,
+    name: str,
+    datapt_id: str,
+    attempts: int = 0,
+    first_attempt: int = 1,
+    on_attempt: Callable[[int], Any] | None = None,
+    tally: Tally | None = None,
+    on_answer: Callable[[Answer], None] | None = None,
+    reject_is_final: bool = True,
+) -> Delivered:
+    """Stream ``source`` until ``finished``; ``attempts`` = 0 retries without limit.
+
+    Raises the last SessionError when it is permanent, when the attempts run out, or
+    (with ``reject_is_final``) when the key is rejected; NoFramesError when nothing is
+    left to send.
+    """
+    started = time.time()
+    target = endpoint(cfg.backend).shown
+    connected_ever = False
+    attempt = first_attempt - 1
+    while True:
+        attempt += 1
+        if on_attempt is not None:
+            await trio.to_thread.run_sync(on_attempt, attempt)
+        with structlog.contextvars.bound_contextvars(attempt=attempt):
+            try:
+                finished = await _attempt(source, cfg=cfg, gate=gate, datapt_id=datapt_id, target=target,
+                                          tally=tally, on_answer=on_answer)
+            except SessionError as err:
+                connected_ever = connected_ever or err.connected
+                final = err.permanent or (reject_is_final and isinstance(err, KeyRejected))
+                out_of_attempts = attempts > 0 and attempt - first_attempt + 1 >= attempts
+                if final or out_of_attempts:
+                    gate.failed(err)
+                    log.error("session_failed", reason=err.reason, close_code=err.close_code, attempts=attempt)
+                    if out_of_attempts and not final and not connected_ever:
+                        raise BackendUnavailable(
+                            f"{err.reason} (gave up after {attempt} attempts)", connected=False
+                        ) from None
+                    raise
+                delay = gate.failed(err)
+                log.warning("session_retry", reason=err.reason, close_code=err.close_code,
+                            delay=round(max(0.0, gate.next_attempt - trio.current_time()), 3),
+                            backoff=round(delay, 3))
+                continue
+            gate.succeeded()
+            log.info("session_finished", hr=finished.hr, frames_sent=finished.sent, frames_skipped=finished.skipped,
+                     answers=finished.answers, attempts=attempt, seconds=round(time.time() - started, 3))
+            return Delivered(name=name, datapt_id=datapt_id, attempts=attempt, finished=finished,
+                             started_at=started, ended_at=time.time())
+
+
+async def _attempt(
+    source: FrameSource,
+    *,
+    cfg: Config,
+    gate: Gate,
+    datapt_id: str,
+    target: str,
+    tally: Tally | None,
+    on_answer: Callable[[Answer], None] | None,
+) -> Finished:
+    async with AsyncExitStack() as stack:
+        feed = await stack.enter_async_context(source.open())
+        if await feed.first() is None:
+            raise NoFramesError("no usable frame: every frame failed to read or decode")
+        async with gate.turn():
+            ws = await stack.enter_async_context(connect(cfg.backend))
+        gate.connected()
+        if tally is not None:
+            tally.total, tally.sent, tally.skipped = source.total, 0, 0
+        log.info("session_started", url=target, frames=source.total, format=cfg.stream.format,
+                 fps=cfg.stream.fps, advanced=cfg.stream.advanced)
+        return await stream(
+            ws,
+            feed,
+            datapt_id=datapt_id,
+            fps=cfg.stream.fps,
+            advanced=cfg.stream.advanced,
+            prefill=cfg.stream.prefill,
+            finish_timeout=cfg.backend.finish_timeout,
+            heartbeat=cfg.backend.heartbeat,
+            tally=tally,
+            on_answer=on_answer,
+        )

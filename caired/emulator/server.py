@@ -1,0 +1,366 @@
+"""The local backend: speaks the protocol faithfully, checks every message strictly.
+
+For development, tests and the demo. It checks the path (close 1008 "Invalid path")
+and, when it has a key, the key (HTTP 403); it validates every message against
+../shared/protocol.md and answers a violation with a close code and reason; it
+answers ``ok`` every ``ok_every`` frames (with ``advanced`` arrays when asked) and
+``finished`` after ``end``. The heart rate comes from a real rPPG estimate over the
+frames it receives (decoded off the event loop), or is a constant with
+``estimate=False``. ``Faults`` switch on the misbehaviour tests need.
+
+Everything it saw is kept in a ``BackendState`` that tests read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import structlog
+import trio
+import trio_websocket
+
+from caired.protocol import PAYLOAD_KEYS, TIMESTAMP_RE, UUID4_RE
+
+log = structlog.get_logger()
+
+MAX_MESSAGE: Final = 64 * 1024 * 1024
+JPEG_MAGIC: Final = b"\xff\xd8\xff"
+PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
+CONSTANT_HR: Final = 72
+VIOLATION: Final = 1007  # "invalid frame payload data": the message breaks the protocol
+
+
+@attrs.frozen(kw_only=True)
+class Faults:
+    """Misbehaviour on demand. Counts apply to the first N connections or handshakes."""
+
+    refuse_handshakes: int = 0  # the first N handshakes get HTTP `refuse_status`
+    refuse_status: int = 503
+    drop_after: int = 0  # drop the TCP connection (no close frame) after N frames ...
+    drop_times: int = 1  # ... on this many connections
+    close_after: int = 0  # close with `close_code` after N frames ...
+    close_code: int = 1011
+    close_times: int = 1
+    withhold_finished: int = 0  # the first N sessions never get `finished`
+    garbage_every: int = 0  # interleave a non-JSON text and a binary message every N frames
+    stall: bool = False  # accept, then never read again (a half-open peer)
+
+
+@attrs.frozen(kw_only=True)
+class BackendOptions:
+    api_key: str = ""
+    ok_every: int = 15
+    estimate: bool = True
+    validate: bool = True  # decode and check every frame (off only for throughput benchmarks)
+    model_version: str = "HR"
+    faults: Faults = attrs.field(factory=Faults)
+
+
+@attrs.define
+class FrameSeen:
+    timestamp: str
+    digest: str  # sha256 of the decoded frame bytes
+    size: int
+    kind: str  # "jpeg" | "png"
+
+
+@attrs.define
+class SessionSeen:
+    """One connection, as the backend saw it."""
+
+    socket_id: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    datapt_id: str | None = None
+    advanced: bool | None = None
+    frames: list[FrameSeen] = attrs.field(factory=list)
+    end: FrameSeen | None = None
+    answers: list[dict[str, Any]] = attrs.field(factory=list)
+    violations: list[str] = attrs.field(factory=list)
+    close_code: int | None = None
+    finished: bool = False
+    hr: float | None = None
+
+
+@attrs.define
+class BackendState:
+    handshakes: int = 0
+    rejected: int = 0
+    sessions: list[SessionSeen] = attrs.field(factory=list)
+    port: int = 0
+
+    @property
+    def violations(self) -> list[str]:
+        return [v for s in self.sessions for v in s.violations]
+
+    def finished_sessions(self) -> list[SessionSeen]:
+        return [s for s in self.sessions if s.finished]
+
+
+class _Violation(Exception):
+    pass
+
+
+def _estimator() -> tuple[Callable[[bytes], Any], Any] | None:
+    try:
+        from caired.emulator.rppg import PulseEstimator, frame_rgb
+    except ImportError:  # pragma: no cover - the estimator ships with caired
+        return None
+    return frame_rgb, PulseEstimator()
+
+
+async def serve_backend(
+    options: BackendOptions,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    state: BackendState | None = None,
+    task_status: trio.TaskStatus[BackendState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; ``task_status.started`` gets the state, its ``port`` set."""
+    state = state if state is not None else BackendState()
+    limiter = trio.CapacityLimiter(2)
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        await _handle(request, options, state, limiter)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            lambda task_status: trio_websocket.serve_websocket(
+                handler, host, port, ssl_context=None, max_message_size=MAX_MESSAGE, task_status=task_status
+            )
+        )
+        state.port = server.port
+        log.info("backend_listening", url=f"ws://{host}:{server.port}/ws/", key_required=bool(options.api_key))
+        task_status.started(state)
+
+
+async def _handle(
+    request: trio_websocket.WebSocketRequest,
+    options: BackendOptions,
+    state: BackendState,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    state.handshakes += 1
+    faults = options.faults
+    parts = urlsplit(request.path)
+    query = parse_qs(parts.query)
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+    if state.handshakes <= faults.refuse_handshakes:
+        state.rejected += 1
+        await request.reject(faults.refuse_status, body=b"try again later")
+        return
+    if options.api_key:
+        given = query.get("api_key", [""])[-1]
+        auth = headers.get("authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[len("Bearer "):]
+        if not secrets.compare_digest(given.encode(), options.api_key.encode()):
+            state.rejected += 1
+            await request.reject(403, body=b"invalid api key")
+            return
+    ws = await request.accept()
+    seen = SessionSeen(socket_id=secrets.token_hex(4), path=parts.path, query=query, headers=headers)
+    state.sessions.append(seen)
+    index = len(state.sessions)
+    if parts.path.rstrip("/") != "/ws":
+        seen.close_code = 1008
+        await ws.aclose(1008, "Invalid path")
+        return
+    if faults.stall:
+        await trio.sleep_forever()
+    try:
+        await _serve_session(ws, seen, index, options, limiter)
+    except _Violation as exc:
+        seen.violations.append(str(exc))
+        seen.close_code = VIOLATION
+        log.warning("backend_violation", socket_id=seen.socket_id, problem=str(exc))
+        await ws.aclose(VIOLATION, str(exc)[:120])
+    except trio_websocket.ConnectionClosed as exc:
+        seen.close_code = getattr(exc.reason, "code", None)
+
+
+async def _serve_session(
+    ws: trio_websocket.WebSocketConnection,
+    seen: SessionSeen,
+    index: int,
+    options: BackendOptions,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    faults = options.faults
+    estimator = _estimator() if options.estimate else None
+    while True:
+        message = await ws.get_message()
+        payload = _check_message(message, seen) if options.validate else _light(message, seen)
+        frame_bytes = payload.pop("_frame")
+        frame = FrameSeen(
+            timestamp=payload["timestamp"],
+            digest=hashlib.sha256(frame_bytes).hexdigest() if options.validate else "",
+            size=len(frame_bytes),
+            kind="png" if frame_bytes.startswith(PNG_MAGIC) else "jpeg",
+        )
+        if payload["state"] == "end":
+            _check_end(frame, seen)
+            seen.end = frame
+            if index <= faults.withhold_finished:
+                continue  # never answer: the client's finish timeout is on trial
+            hr = await _final_hr(estimator, limiter)
+            answer = _answer("finished", seen, options, hr=hr, advanced=None)
+            seen.hr = hr
+            await ws.send_message(json.dumps(answer))
+            seen.answers.append(answer)
+            seen.finished = True
+            seen.close_code = 1000
+            await ws.aclose(1000)
+            return
+        _check_order(frame, seen)
+        seen.frames.append(frame)
+        count = len(seen.frames)
+        if estimator is not None:
+            frame_rgb, pulse = estimator
+            rgb = await trio.to_thread.run_sync(frame_rgb, frame_bytes, limiter=limiter)
+            if rgb is not None:
+                pulse.add(float(frame.timestamp), rgb)
+        if faults.drop_after and count == faults.drop_after and index <= faults.drop_times:
+            await _drop(ws)
+            return
+        if faults.close_after and count == faults.close_after and index <= faults.close_times:
+            seen.close_code = faults.close_code
+            await ws.aclose(faults.close_code, "injected fault")
+            return
+        if faults.garbage_every and count % faults.garbage_every == 0:
+            await ws.send_message("this is not JSON {")
+            await ws.send_message(b"\x00\x01binary\xff")
+        if options.ok_every and count % options.ok_every == 0:
+            hr, advanced = await _progress(estimator, limiter, seen)
+            answer = _answer("ok", seen, options, hr=hr, advanced=advanced)
+            await ws.send_message(json.dumps(answer))
+            seen.answers.append(answer)
+
+
+def _light(message: str | bytes, seen: SessionSeen) -> dict[str, Any]:
+    """Just enough parsing to play along, for benchmarks that measure the client alone."""
+    if isinstance(message, bytes):
+        raise _Violation("binary message: the protocol sends JSON text")
+    head = message[:120]
+    state = "end" if '"state": "end"' in head else "stream"
+    tail = message[-80:]
+    stamp = tail.split('"timestamp": "', 1)[-1].split('"', 1)[0] if '"timestamp": "' in tail else "0"
+    if seen.datapt_id is None:
+        seen.datapt_id = head.split('"datapt_id": "', 1)[-1][:36]
+    return {"state": state, "timestamp": stamp, "_frame": b""}
+
+
+def _check_message(message: str | bytes, seen: SessionSeen) -> dict[str, Any]:
+    if isinstance(message, bytes):
+        raise _Violation("binary message: the protocol sends JSON text")
+    try:
+        payload = json.loads(message)
+    except ValueError:
+        raise _Violation("message is not JSON") from None
+    if not isinstance(payload, dict):
+        raise _Violation("message is not a JSON object")
+    keys = set(payload)
+    if keys != PAYLOAD_KEYS:
+        missing, extra = sorted(PAYLOAD_KEYS - keys), sorted(keys - PAYLOAD_KEYS)
+        raise _Violation(f"wrong keys: missing {missing}, unexpected {extra}")
+    datapt_id = payload["datapt_id"]
+    if not isinstance(datapt_id, str) or not UUID4_RE.match(datapt_id):
+        raise _Violation(f"datapt_id is not a canonical lowercase UUIDv4: {datapt_id!r}")
+    if seen.datapt_id is None:
+        seen.datapt_id = datapt_id
+    elif datapt_id != seen.datapt_id:
+        raise _Violation("datapt_id changed within the session")
+    if payload["state"] not in ("stream", "end"):
+        raise _Violation(f"state must be 'stream' or 'end', got {payload['state']!r}")
+    if seen.end is not None:
+        raise _Violation("message after 'end'")
+    advanced = payload["advanced"]
+    if not isinstance(advanced, bool):
+        raise _Violation("advanced must be a boolean")
+    if seen.advanced is None:
+        seen.advanced = advanced
+    elif advanced != seen.advanced:
+        raise _Violation("advanced changed within the session")
+    stamp = payload["timestamp"]
+    if not isinstance(stamp, str) or not TIMESTAMP_RE.match(stamp):
+        raise _Violation(f"timestamp must be UNIX seconds as a string, got {stamp!r}")
+    data = payload["frame_data"]
+    if not isinstance(data, str) or not data:
+        raise _Violation("frame_data must be a non-empty base64 string")
+    if data.startswith("data:"):
+        raise _Violation("frame_data carries a data: URL prefix")
+    try:
+        frame = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Violation("frame_data is not standard base64 (no line breaks, no URL-safe alphabet)") from None
+    if not (frame.startswith(JPEG_MAGIC) or frame.startswith(PNG_MAGIC)):
+        raise _Violation("frame_data is neither a JPEG nor a PNG")
+    payload["_frame"] = frame
+    return payload
+
+
+def _check_order(frame: FrameSeen, seen: SessionSeen) -> None:
+    if seen.frames and float(frame.timestamp) <= float(seen.frames[-1].timestamp):
+        raise _Violation(f"timestamps must ascend: {frame.timestamp} after {seen.frames[-1].timestamp}")
+
+
+def _check_end(frame: FrameSeen, seen: SessionSeen) -> None:
+    if not seen.frames:
+        raise _Violation("'end' before any frame")
+    last = seen.frames[-1]
+    if frame.timestamp != last.timestamp or frame.digest != last.digest:
+        raise _Violation("'end' must repeat the last frame (same frame_data and timestamp)")
+
+
+async def _progress(
+    estimator: tuple[Callable[[bytes], Any], Any] | None, limiter: trio.CapacityLimiter, seen: SessionSeen
+) -> tuple[float, dict[str, Any] | None]:
+    if estimator is None:
+        hr: float = CONSTANT_HR
+        stamps = [float(f.timestamp) for f in seen.frames[-90:]]
+        values = [0.0 for _ in stamps]
+    else:
+        pulse = estimator[1]
+        hr, (values, stamps) = await trio.to_thread.run_sync(lambda: (pulse.hr(), pulse.signal()), limiter=limiter)
+    advanced = {"rppg": values, "rppg_timestamps": stamps} if seen.advanced else None
+    return hr, advanced
+
+
+async def _final_hr(estimator: tuple[Callable[[bytes], Any], Any] | None, limiter: trio.CapacityLimiter) -> float:
+    if estimator is None:
+        return CONSTANT_HR
+    pulse = estimator[1]
+    hr: float = await trio.to_thread.run_sync(pulse.final_hr, limiter=limiter)
+    return hr
+
+
+def _answer(
+    state: str, seen: SessionSeen, options: BackendOptions, *, hr: float, advanced: dict[str, Any] | None
+) -> dict[str, Any]:
+    rounded: float | int = round(hr) if hr >= 0 else -1
+    return {
+        "state": state,
+        "socket_id": seen.socket_id,
+        "datapt_id": seen.datapt_id,
+        "inference": {"hr": rounded},
+        "advanced": advanced,
+        "confidence": {},
+        "feedback": None,
+        "model_version": options.model_version,
+    }
+
+
+async def _drop(ws: trio_websocket.WebSocketConnection) -> None:
+    """Cut the TCP connection without a close frame: the client sees 1006."""
+    stream = ws._stream  # trio-websocket exposes no abort; closing the stream is the drop
+    await stream.aclose()

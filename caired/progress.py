@@ -1,0 +1,67 @@
+"""The live progress line on a terminal: frames sent of total, rate, latest HR.
+
+It is drawn on stderr, only when stderr is a terminal, and redrawn a few times a
+second; log lines printed meanwhile clear it first, so the two never share a line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final, TextIO
+
+import trio
+
+from caired import logging as clog
+from caired._trio import open_nursery
+from caired.session import Tally
+
+REDRAW: Final = 0.25
+CLEAR: Final = "\r\x1b[K"
+
+
+def render(tally: Tally, now: float) -> str:
+    total = f"/{tally.total}" if tally.total is not None else ""
+    elapsed = now - tally.started if tally.started else 0.0
+    rate = f"{tally.sent / elapsed:5.1f} fps" if elapsed > 0 and tally.sent else "  ... fps"
+    hr = f"{tally.hr:.0f} bpm" if tally.hr is not None else "warming up"
+    skipped = f" · {tally.skipped} skipped" if tally.skipped else ""
+    return f"sent {tally.sent}{total} frames · {rate} · HR {hr}{skipped}"
+
+
+@asynccontextmanager
+async def progress_line(tally: Tally, *, out: TextIO | None = None) -> AsyncIterator[None]:
+    out = out or sys.stderr
+    if not _isatty(out):
+        yield
+        return
+
+    def clear() -> None:
+        out.write(CLEAR)
+        out.flush()
+
+    async def draw() -> None:
+        while True:
+            out.write(CLEAR + render(tally, trio.current_time()))
+            out.flush()
+            await trio.sleep(REDRAW)
+
+    clog.set_before_console_line(clear)
+    try:
+        async with open_nursery() as nursery:
+            nursery.start_soon(draw)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        clog.set_before_console_line(None)
+        clear()
+
+
+def _isatty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (ValueError, OSError):
+        return False

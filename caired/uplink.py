@@ -1,0 +1,190 @@
+"""Connecting to the backend: the handshake, failure classification, and backoff.
+
+``connect()`` opens one WebSocket with compression off and a receive limit far above
+trio-websocket's 1 MiB default, and turns every way a handshake can fail into a
+SessionError subclass (rejected key, unavailable backend). ``classify_closed()`` does
+the same for a connection that closes mid-session.
+
+``Gate`` is the one backoff state a process shares between its sessions: exponential
+with full jitter, reset after a success; while the backend is not known to be up,
+only one session at a time probes it, so an outage costs few handshakes; after a
+rejected key it probes only every ``rejected_probe`` seconds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final, Literal
+
+import attrs
+import structlog
+import trio
+import trio_websocket
+
+from caired.config import BackendConfig, RetryConfig
+from caired.errors import BackendUnavailable, CairedError, KeyRejected, SessionError
+from caired.protocol import CloseKind, auth_headers, build_url, classify_close, classify_status, redact_url
+
+log = structlog.get_logger()
+
+MAX_MESSAGE: Final = 64 * 1024 * 1024  # answers are small, but no side may keep a 1 MiB limit
+MESSAGE_QUEUE: Final = 64  # answers wait here while the listener logs; it drains continuously
+CLOSE_TIMEOUT: Final = 2.0
+SLOW_FACTOR: Final = 4.0  # 1012/1013/429: the server asked for time
+
+
+@attrs.frozen
+class Endpoint:
+    url: str  # with the key when auth is "query": for the wire only
+    shown: str  # redacted, for logs and errors
+    headers: list[tuple[bytes, bytes]] = attrs.field(repr=False)
+
+
+def endpoint(cfg: BackendConfig) -> Endpoint:
+    key = cfg.api_key.reveal()
+    url = build_url(cfg.url, api_key=key, auth=cfg.auth, client=cfg.client)
+    return Endpoint(url=url, shown=redact_url(url), headers=auth_headers(api_key=key, auth=cfg.auth))
+
+
+@asynccontextmanager
+async def connect(cfg: BackendConfig) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """One connection; handshake failures come out as caired errors.
+
+    Errors raised by the block itself pass through untouched.
+    """
+    target = endpoint(cfg)
+    opened = False
+    try:
+        async with trio_websocket.open_websocket_url(
+            target.url,
+            extra_headers=target.headers,
+            message_queue_size=MESSAGE_QUEUE,
+            max_message_size=MAX_MESSAGE,
+            connect_timeout=cfg.connect_timeout,
+            disconnect_timeout=CLOSE_TIMEOUT,
+        ) as ws:
+            opened = True
+            yield ws
+    except CairedError:
+        raise  # the block's own errors pass through
+    except trio_websocket.ConnectionRejected as exc:
+        status = int(exc.status_code)
+        kind = classify_status(status)
+        if kind is CloseKind.REJECTED:
+            raise KeyRejected(
+                f"the backend rejected the connection (HTTP {status}) at {target.shown}: check the API key and URL",
+                connected=False,
+            ) from None
+        raise BackendUnavailable(
+            f"the backend refused the handshake (HTTP {status})",
+            connected=False,
+            retry_slow=kind is CloseKind.RETRY_SLOW,
+        ) from None
+    except trio_websocket.ConnectionTimeout:
+        raise BackendUnavailable(
+            f"no answer from {target.shown} within {cfg.connect_timeout:g} s", connected=False
+        ) from None
+    except trio_websocket.DisconnectionTimeout:
+        if not opened:
+            raise
+        raise SessionError("the connection did not close in time") from None
+    except trio_websocket.HandshakeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        reason = _describe(cause) if cause is not None else "the WebSocket handshake failed"
+        raise BackendUnavailable(f"cannot reach {target.shown}: {reason}", connected=False) from None
+    except trio_websocket.ConnectionClosed as exc:
+        raise classify_closed(exc.reason) from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        if opened:
+            raise SessionError(f"connection lost: {_describe(exc)}") from None
+        raise BackendUnavailable(f"cannot reach {target.shown}: {_describe(exc)}", connected=False) from None
+
+
+def classify_closed(reason: Any) -> SessionError:
+    """The error for a connection that closed before ``finished``."""
+    code: int | None = getattr(reason, "code", None)
+    text = getattr(reason, "reason", None) or ""
+    described = f"closed with {code}" + (f" ({text})" if text else "") if code is not None else "connection lost"
+    kind = classify_close(code)
+    if kind is CloseKind.REJECTED:
+        return KeyRejected(
+            f"the backend {described}: check the API key and the URL path", close_code=code
+        )
+    if kind is CloseKind.TOO_BIG:
+        return SessionError(f"the backend {described}: a frame is too big", close_code=code, permanent=True)
+    if kind is CloseKind.PROTOCOL:
+        return SessionError(f"the backend {described}: it refused our messages", close_code=code, permanent=True)
+    if kind is CloseKind.SUCCESS:
+        return SessionError(f"the backend {described} before 'finished'", close_code=code)
+    return SessionError(f"the backend {described}", close_code=code, retry_slow=kind is CloseKind.RETRY_SLOW)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+GateState = Literal["unknown", "up", "down", "rejected"]
+
+
+@attrs.define
+class Gate:
+    """Backoff shared by every session of a process; see the module docstring."""
+
+    retry: RetryConfig
+    rng: Callable[[], float] = random.random
+    state: GateState = "unknown"
+    failures: int = 0
+    next_attempt: float = 0.0
+    handshakes: int = 0
+    _probe: trio.Lock = attrs.field(factory=trio.Lock)
+
+    def delay(self, failures: int, *, slow: bool = False) -> float:
+        """Full jitter: uniform in [0, min(max, initial * multiplier**(failures - 1)) * (4 if slow)]."""
+        ceiling = min(self.retry.max, self.retry.initial * self.retry.multiplier ** max(0, failures - 1))
+        if slow:
+            ceiling = min(self.retry.max * SLOW_FACTOR, ceiling * SLOW_FACTOR)
+        return self.rng() * ceiling
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for this session's turn to connect; while the backend is not up, one at a time."""
+        if self.state == "up":
+            await trio.sleep_until(self.next_attempt)
+            self.handshakes += 1
+            yield
+            return
+        async with self._probe:
+            await trio.sleep_until(self.next_attempt)
+            self.handshakes += 1
+            yield
+
+    def connected(self) -> None:
+        if self.state != "up" and self.state != "unknown":
+            log.info("backend_up", after_failures=self.failures)
+        self.state = "up"
+
+    def succeeded(self) -> None:
+        """A session finished: the backoff starts over."""
+        self.failures = 0
+        self.next_attempt = 0.0
+        self.connected()
+
+    def failed(self, error: SessionError) -> float:
+        """Record a failed attempt; returns the delay before the next one."""
+        now = trio.current_time()
+        if isinstance(error, KeyRejected):
+            if self.state != "rejected":
+                log.error("backend_rejected_key", reason=error.reason, probe_seconds=self.retry.rejected_probe)
+            self.state = "rejected"
+            delay = self.retry.rejected_probe
+        else:
+            self.failures += 1
+            if not error.connected:
+                self.state = "down"
+            delay = self.delay(self.failures, slow=error.retry_slow)
+        self.next_attempt = max(self.next_attempt, now + delay)
+        return delay
