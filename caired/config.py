@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from caired.errors import ConfigError, ConfigErrors
+from caired.protocol import redact_url
 
 DEFAULT_URL: Final = "ws://localhost:8003/ws/"
 CREDENTIAL_NAME: Final = "api_key"
@@ -420,7 +421,7 @@ def _load(*, path: str | Path | None, env: Mapping[str, str], flags: Mapping[str
             if attr.validator is not None:
                 attr.validator(None, attr, value)
         except ValueError as exc:
-            shown = "***" if name == "api_key" else repr(value)
+            shown = "'***'" if name == "api_key" else redact_url(repr(value))
             errors.append(ConfigError(key, source, f"{exc} (got {shown})"))
             continue
         values[section][name] = value
