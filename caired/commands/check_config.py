@@ -1,0 +1,172 @@
+"""``caired check-config``: load the configuration as ``run`` would and report it.
+
+stdout lists every key, ``section.key = value   # source``, where the source is
+``default``, ``file PATH``, ``env NAME``, ``flag --name`` or ``credential PATH``; the
+API key shows as ``***``. Then the paths and the key are checked: problems (exit 78)
+and warnings (exit 0) go to stderr, one line each. Nothing is left behind on disk.
+
+The checks run as the user who calls the command: to see what the service sees,
+run it as that user (``sudo -u caired caired check-config --config ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import attrs
+
+from caired.cli import add_common, command
+from caired.config import Config, Secret, iter_fields, key_file_warning
+from caired.errors import ConfigError, ExitCode
+from caired.spool import FOLDERS
+
+PROG: Final = "caired check-config"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = command(sub, "check-config", _main, help="load the configuration as 'run' would and report it")
+    add_common(p)
+
+
+@attrs.define
+class Findings:
+    problems: list[str] = attrs.field(factory=list)
+    warnings: list[str] = attrs.field(factory=list)
+
+
+def _main(cfg: Config, args: argparse.Namespace) -> int:
+    for line in describe(cfg):
+        print(line)
+    sys.stdout.flush()
+    found = check(cfg)
+    for warning in found.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    for problem in found.problems:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+    return int(ExitCode.CONFIG) if found.problems else int(ExitCode.OK)
+
+
+def describe(cfg: Config) -> list[str]:
+    """``section.key = value`` for every key, the sources aligned in one column."""
+    rows = []
+    for key, _, _ in iter_fields():
+        section, name = key.split(".", 1)
+        rows.append((f"{key} = {_shown(getattr(getattr(cfg, section), name))}", cfg.sources.get(key, "default")))
+    width = max(len(left) for left, _ in rows)
+    return [f"{left.ljust(width)}   # {source}" for left, source in rows]
+
+
+def check(cfg: Config) -> Findings:
+    """What would stop the daemon (problems) and what deserves a look (warnings)."""
+    found = Findings()
+    spool = _spool_problem(Path(cfg.spool.dir))
+    if spool:
+        found.problems.append(_where(cfg, "spool.dir", spool))
+    if cfg.log.file:
+        log_file = _log_problem(Path(cfg.log.file))
+        if log_file:
+            found.problems.append(_where(cfg, "log.file", log_file))
+    if not urlsplit(cfg.backend.url).path.endswith("/ws/"):
+        found.warnings.append(
+            _where(cfg, "backend.url", f"{cfg.backend.url} does not end in /ws/; the backend serves ws://HOST:PORT/ws/")
+        )
+    found.warnings.extend(_key_warnings(cfg))
+    return found
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Secret):
+        return "***" if value.reveal() else "''"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return repr(value)
+
+
+def _where(cfg: Config, key: str, problem: str) -> str:
+    return str(ConfigError(key, cfg.sources.get(key, ""), problem))
+
+
+def _spool_problem(root: Path) -> str | None:
+    """Why the daemon could not use ``root`` as its spool, or None."""
+    if not root.exists():
+        return _creatable_problem(root)
+    if not root.is_dir():
+        return f"{root} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".caired-check-", dir=root)
+    except OSError as exc:
+        return f"cannot write in {root} ({exc.strerror or exc})"
+    os.close(fd)
+    os.unlink(probe)
+    for name in FOLDERS:
+        folder = root / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            return f"{folder} is not a folder"
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            return f"cannot write in {folder} (permission denied)"
+    return None
+
+
+def _log_problem(path: Path) -> str | None:
+    """Why the daemon could not append to the log file ``path``, or None."""
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"cannot append to {path} (permission denied)"
+    folder = path.parent
+    if not folder.exists():
+        return _creatable_problem(folder)
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {folder} is not writable"
+    return None
+
+
+def _creatable_problem(path: Path) -> str | None:
+    """Why ``path`` (missing) could not be created with its parents, or None."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {parent} is not writable"
+    return None
+
+
+def _key_warnings(cfg: Config) -> list[str]:
+    if not cfg.api_key():
+        return [
+            "no API key is set (backend.api_key, API_KEY, backend.api_key_file or the systemd credential "
+            "api_key): the backend will reject the connection unless it runs without a key"
+        ]
+    warnings = []
+    origin, _, path = cfg.sources.get("backend.api_key", "").partition(" ")
+    key_files = [("backend.api_key", path)] if origin in ("credential", "backend.api_key_file") else []
+    if cfg.backend.api_key_file and cfg.backend.api_key_file != path:
+        key_files.append(("backend.api_key_file", cfg.backend.api_key_file))
+    for key, key_file in key_files:
+        if warning := key_file_warning(key_file):
+            warnings.append(_where(cfg, key, warning))
+    if origin == "file" and path:
+        # A config file may well be group-readable (root:caired 0640); others should not read the key.
+        try:
+            mode = stat.S_IMODE(Path(path).stat().st_mode)
+        except OSError:
+            mode = 0
+        if mode & stat.S_IROTH:
+            advice = "move it to backend.api_key_file or a systemd credential, or chmod o-r it"
+            warning = f"the API key is in {path}, which everyone can read (mode {mode:o}); {advice}"
+            warnings.append(_where(cfg, "backend.api_key", warning))
+    return warnings
