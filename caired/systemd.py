@@ -40,9 +40,7 @@ class Notifier:
                 self._sock.setblocking(False)
         self.enabled: bool = self._sock is not None
         # Pet the watchdog twice per period, as sd_watchdog_enabled(3) advises.
-        self.watchdog_interval: float | None = (
-            watchdog_usec / 2 / 1_000_000 if self.enabled and watchdog_usec else None
-        )
+        self.watchdog_interval: float | None = watchdog_usec / 2 / 1_000_000 if self.enabled and watchdog_usec else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:

@@ -108,8 +108,18 @@ def test_logrotate_rules_rename_and_signal_instead_of_truncating() -> None:
     directives = rules()
     assert directives[0] == "/var/log/caired/*.jsonl {"
     assert LOG_FILE.endswith(".jsonl") and LOG_FILE.startswith("/var/log/caired/")
-    for wanted in ["daily", "missingok", "notifempty", "compress", "delaycompress", "create 0640 caired caired",
-                   "sharedscripts", "postrotate", POSTROTATE, "endscript"]:
+    for wanted in [
+        "daily",
+        "missingok",
+        "notifempty",
+        "compress",
+        "delaycompress",
+        "create 0640 caired caired",
+        "sharedscripts",
+        "postrotate",
+        POSTROTATE,
+        "endscript",
+    ]:
         assert wanted in directives
     assert not any("copytruncate" in line for line in directives)
 
