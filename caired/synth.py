@@ -270,7 +270,7 @@ def _wall(width: int, height: int, rng: np.random.Generator) -> Floats:
 
 
 def _face(width: int, height: int, rng: np.random.Generator) -> tuple[Floats, Floats, Floats]:
-    """The face layer premultiplied by its soft alpha, the alpha, and the bare skin (where the pulse shows)."""
+    """The face layer premultiplied by its soft alpha, the alpha, and the perfused part (where the pulse shows)."""
     cx, cy = width / 2.0, height * 0.50
     ax, ay = width * 0.15, height * 0.28
     unit = min(width, height) / 480.0
@@ -308,11 +308,11 @@ def _face(width: int, height: int, rng: np.random.Generator) -> tuple[Floats, Fl
     dark = np.clip(eyes + brows, 0.0, 1.0) * head
     lips = mouth * head
     skin = np.clip(head * (1.0 - hair) * (1.0 - dark) * (1.0 - lips), 0.0, 1.0)
-    bare = skin_colour * skin[:, :, None]
+    # Skin and lips are perfused: they carry the pulse; hair, eyes and brows do not.
+    bare = skin_colour * skin[:, :, None] + np.array([70.0, 80.0, 150.0], dtype=np.float32) * lips[:, :, None]
     colour = (
         bare
-        + np.array([45.0, 50.0, 58.0], dtype=np.float32) * dark[:, :, None]
-        + np.array([70.0, 80.0, 150.0], dtype=np.float32) * lips[:, :, None]
+        + np.array([34.0, 37.0, 42.0], dtype=np.float32) * dark[:, :, None]
         + np.array([28.0, 34.0, 44.0], dtype=np.float32) * hair[:, :, None]
         + np.array([88.0, 96.0, 40.0], dtype=np.float32) * (shirt * (0.9 + 0.1 * xs / width))[:, :, None]
     )
