@@ -418,7 +418,7 @@ class Spool:
         advice = "create it writable for caired's user, or set [spool] dir to a writable folder"
         for path in (self.root, *(self.root / name for name in FOLDERS)):
             try:
-                path.mkdir(mode=0o770, exist_ok=True)
+                path.mkdir(mode=0o770, parents=True, exist_ok=True)
                 st = path.stat()
             except OSError as exc:
                 raise _spool_error("create the spool folder", path, exc, advice) from exc

@@ -1,0 +1,728 @@
+"""The spool: readiness, exclusive claims across processes, crash-safe outcomes, the watcher."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import trio
+import watchfiles
+
+from caired import spool as spool_module
+from caired.errors import CairedError, ExitCode
+from caired.spool import (
+    ERROR_FILE,
+    READY_MARKER,
+    RESULT_FILE,
+    SESSION_FILE,
+    Claim,
+    Spool,
+    SpoolError,
+    watch,
+    write_json_atomic,
+)
+
+
+class FakeClock:
+    """``time.time`` under the test's control; starts at the real time, since ctimes are real."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.now = time.time() + offset
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_folder(path: Path, frames: int = 3, *, old: float | None = None) -> Path:
+    """A folder of ``frames`` small files named like frames; with ``old``, mtimes set that far back."""
+    path.mkdir(parents=True)
+    for i in range(frames):
+        (path / f"{1747154380 + i / 30:.7f}.png").write_bytes(b"\x89PNG frame %d" % i)
+    if old is not None:
+        then = time.time() - old
+        for child in path.iterdir():
+            os.utime(child, (then, then))
+        os.utime(path, (then, then))
+    return path
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: FakeClock) -> Spool:
+    s = Spool(tmp_path / "spool", settle_seconds=5.0, clock=clock)
+    s.prepare()
+    return s
+
+
+def drop(spool: Spool, name: str, frames: int = 3) -> Path:
+    """Drop a complete folder the recommended way: written in tmp/, then renamed into incoming/."""
+    staged = make_folder(spool.tmp / name, frames)
+    (staged / READY_MARKER).touch()
+    target = spool.incoming / name
+    os.rename(staged, target)
+    return target
+
+
+def settling(spool: Spool) -> float:
+    """Seconds until the next look may find a folder ready; fails if one is ready now."""
+    names, wait = spool.ready()
+    assert names == [] and wait is not None
+    return wait
+
+
+def session_of(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / SESSION_FILE).read_text())
+    return data
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare, counts
+
+
+def test_prepare_creates_the_folders(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "a" / "spool")
+    s.prepare()
+    s.prepare()  # idempotent
+    assert listing(s.root) == ["active", "done", "failed", "incoming", "tmp"]
+    assert s.incoming.stat().st_mode & stat.S_ISGID
+    assert s.tmp.stat().st_mode & stat.S_ISGID
+    assert s.counts() == {"incoming": 0, "active": 0, "done": 0, "failed": 0}
+
+
+def test_prepare_reports_an_unusable_spool(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    s = Spool(tmp_path / "file" / "spool")
+    with pytest.raises(SpoolError) as info:
+        s.prepare()
+    err = info.value
+    assert isinstance(err, CairedError) and isinstance(err, OSError)
+    assert err.exit_code == ExitCode.CANT_CREATE and int(err.exit_code) == 73
+    assert err.errno == errno.ENOTDIR
+    assert "[spool] dir" in str(err) and "\n" not in str(err)
+
+
+def test_counts(spool: Spool) -> None:
+    drop(spool, "a")
+    drop(spool, "b")
+    make_folder(spool.incoming / ".staging")
+    claim = spool.claim("a")
+    assert claim is not None
+    assert spool.counts() == {"incoming": 1, "active": 1, "done": 0, "failed": 0}
+    spool.finish(claim, {"hr": 70.0})
+    assert spool.counts() == {"incoming": 1, "active": 0, "done": 1, "failed": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# readiness
+
+
+def test_marker_makes_a_folder_ready(spool: Spool) -> None:
+    folder = make_folder(spool.incoming / "fresh")
+    assert settling(spool) == pytest.approx(5.0, abs=0.2)
+    (folder / READY_MARKER).touch()
+    assert spool.ready() == (["fresh"], None)
+
+
+def test_folder_moved_in_after_being_written_is_ready_at_once(spool: Spool, clock: FakeClock) -> None:
+    make_folder(spool.tmp / "recorded")
+    clock.advance(60)  # written a minute ago
+    os.rename(spool.tmp / "recorded", spool.incoming / "recorded")  # the rename changes the ctime only
+    assert spool.ready() == (["recorded"], None)
+
+
+def test_folder_being_written_waits_until_settled(spool: Spool, clock: FakeClock) -> None:
+    folder = make_folder(spool.incoming / "copying", frames=2)
+    names, wait = spool.ready()
+    assert names == [] and wait == pytest.approx(5.0, abs=0.2)
+    clock.advance(3)
+    (folder / "late.png").write_bytes(b"more")  # still being written
+    names, wait = spool.ready()
+    assert names == [] and wait is not None and 4.0 < wait <= 8.1
+    clock.advance(wait)
+    assert spool.ready() == (["copying"], None)
+
+
+def test_a_change_seen_resets_the_settle_time_even_with_old_mtimes(spool: Spool, clock: FakeClock) -> None:
+    make_folder(spool.tmp / "x")
+    clock.advance(60)  # everything on disk is a minute old
+    folder = spool.incoming / "x"
+    os.rename(spool.tmp / "x", folder)
+    assert spool.ready()[0] == ["x"]  # a look at a quiet folder...
+    # ...then a file grows while its times stay old (the clock runs a minute ahead of the disk)
+    first = sorted(folder.glob("*.png"))[0]
+    st = first.stat()
+    first.write_bytes(b"grown" * 100)
+    os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
+    clock.advance(1)
+    assert settling(spool) == pytest.approx(5.0 + spool_module._SETTLE_SLACK)
+    clock.advance(5)
+    assert spool.ready() == (["x"], None)
+
+
+def test_restored_mtimes_still_wait_for_the_ctimes(spool: Spool, clock: FakeClock) -> None:
+    """`cp -a` sets old mtimes on each file, the folder last; utime makes the ctimes recent."""
+    make_folder(spool.incoming / "archived", old=3600)
+    assert settling(spool) == pytest.approx(5.0, abs=0.2)
+    clock.advance(5.2)
+    assert spool.ready() == (["archived"], None)
+
+
+def test_future_mtimes_count_from_the_first_look(spool: Spool, clock: FakeClock) -> None:
+    folder = make_folder(spool.tmp / "skewed")
+    future = clock.now + 86400
+    for child in folder.iterdir():
+        os.utime(child, (future, future))
+    os.utime(folder, (future, future))
+    clock.advance(60)
+    os.rename(folder, spool.incoming / "skewed")
+    assert settling(spool) == pytest.approx(5.0 + spool_module._SETTLE_SLACK)
+    clock.advance(5)
+    assert spool.ready() == (["skewed"], None)
+
+
+def test_ready_lists_oldest_first(spool: Spool, clock: FakeClock) -> None:
+    for name, age in (("b", 10), ("a", 30), ("c", 20)):
+        drop(spool, name)
+        then = clock.now - age
+        os.utime(spool.incoming / name, (then, then))
+    assert spool.ready() == (["a", "c", "b"], None)
+
+
+def test_dot_names_and_plain_files_are_ignored(spool: Spool) -> None:
+    make_folder(spool.incoming / ".being-copied")
+    (spool.incoming / ".being-copied" / READY_MARKER).touch()
+    (spool.incoming / "notes.txt").write_text("hello")
+    (spool.incoming / "link").symlink_to(spool.tmp)
+    drop(spool, "real")
+    with structlog.testing.capture_logs() as logs:
+        assert spool.ready() == (["real"], None)
+        assert spool.ready() == (["real"], None)
+    ignored = [e for e in logs if e["event"] == "incoming_ignored"]
+    assert sorted(e["name"] for e in ignored) == ["link", "notes.txt"]  # once each
+
+
+def test_claim_refuses_hidden_and_path_names(spool: Spool) -> None:
+    for bad in (".hidden", "a/b", "", ".."):
+        with pytest.raises(ValueError):
+            spool.claim(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# claiming
+
+
+def test_claim_moves_to_active_with_a_session_file(spool: Spool) -> None:
+    drop(spool, "s1")
+    with structlog.testing.capture_logs() as logs:
+        claim = spool.claim("s1")
+    assert claim is not None and claim.held
+    assert claim.path == spool.active / "s1" and not (spool.incoming / "s1").exists()
+    assert str(uuid.UUID(claim.datapt_id, version=4)) == claim.datapt_id
+    session = session_of(claim.path)
+    assert session == {
+        "datapt_id": claim.datapt_id,
+        "attempts": 0,
+        "first_claimed_at": claim.first_claimed_at,
+        "source": "drop",
+        "name": "s1",
+    }
+    assert claim.record_attempt() == 1
+    assert session_of(claim.path)["attempts"] == 1
+    assert [e["event"] for e in logs] == ["folder_claimed"]
+    assert logs[0]["datapt_id"] == claim.datapt_id and logs[0]["session"] == "s1"
+
+
+def test_claim_is_exclusive_between_spools(spool: Spool, clock: FakeClock) -> None:
+    other = Spool(spool.root, clock=clock)
+    drop(spool, "s1")
+    first = spool.claim("s1")
+    assert first is not None
+    assert other.claim("s1") is None  # gone from incoming/
+    assert other.recover() == []  # locked: its owner is alive
+
+
+def test_claim_skips_a_folder_locked_by_another_claimer(spool: Spool) -> None:
+    """The loser of the flock race (the winner locked it but has not renamed it yet) skips it."""
+    import fcntl
+
+    folder = drop(spool, "s1")
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert spool.claim("s1") is None
+        assert folder.exists()
+    finally:
+        os.close(fd)
+    assert spool.claim("s1") is not None
+
+
+def test_claim_with_a_busy_name_in_active_takes_a_suffix(spool: Spool) -> None:
+    drop(spool, "s1")
+    first = spool.claim("s1")
+    drop(spool, "s1")
+    second = spool.claim("s1")
+    assert first is not None and second is not None
+    assert second.path == spool.active / "s1.1" and second.name == "s1"
+    assert first.datapt_id != second.datapt_id
+
+
+_CLAIMER = """
+import random, sys
+from caired.spool import Spool
+spool = Spool(sys.argv[1])
+names = sys.argv[2:]
+random.shuffle(names)
+sys.stdin.readline()  # all start together
+for name in names:
+    if spool.claim(name) is not None:
+        print("CLAIMED", name, flush=True)
+"""
+
+
+def _python(snippet: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", snippet, *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_processes_racing_claim_each_folder_exactly_once(spool: Spool) -> None:
+    names = [f"f{i:02d}" for i in range(16)]
+    for name in names:
+        drop(spool, name, frames=1)
+    workers = [_python(_CLAIMER, str(spool.root), *names, stdin=subprocess.PIPE) for _ in range(3)]
+    time.sleep(0.1)
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    claimed: list[str] = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=20)
+        assert worker.returncode == 0
+        claimed += [line.split()[1] for line in out.splitlines() if line.startswith("CLAIMED ")]
+    assert sorted(claimed) == names  # each exactly once
+    assert listing(spool.active) == names and listing(spool.incoming) == []
+
+
+_HOLDER = """
+import sys, time
+from caired.spool import Spool
+claim = Spool(sys.argv[1]).claim("held")
+claim.record_attempt()
+print("CLAIMED", claim.datapt_id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_folder_of_a_killed_process_is_recovered_with_its_datapt_id(spool: Spool) -> None:
+    drop(spool, "held")
+    holder = _python(_HOLDER, str(spool.root))
+    try:
+        assert holder.stdout is not None
+        line = holder.stdout.readline()
+        while line and not line.startswith("CLAIMED "):  # skip its log lines
+            line = holder.stdout.readline()
+        assert line, "the holder died before claiming"
+        datapt_id = line.split()[1]
+        assert spool.recover() == []  # alive: its lock is held
+        assert (spool.active / "held").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    with structlog.testing.capture_logs() as logs:
+        assert spool.recover() == ["held"]
+    assert [(e["event"], e["from"], e["to"]) for e in logs] == [("folder_recovered", "active", "incoming")]
+    folder = spool.incoming / "held"
+    assert session_of(folder)["datapt_id"] == datapt_id
+    assert (folder / READY_MARKER).exists()
+    assert spool.ready() == (["held"], None)
+    again = spool.claim("held")
+    assert again is not None and again.datapt_id == datapt_id and again.attempts == 1
+
+
+def test_own_claims_are_not_recovered(spool: Spool) -> None:
+    drop(spool, "mine")
+    claim = spool.claim("mine")
+    assert claim is not None
+    assert spool.recover() == []
+    assert claim.held and claim.path.exists()
+
+
+def test_datapt_id_persists_across_release_and_claim(spool: Spool) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    claim.record_attempt()
+    with structlog.testing.capture_logs() as logs:
+        back = spool.release(claim)
+    assert back == spool.incoming / "s1" and not claim.held and claim.path == back
+    assert [e["event"] for e in logs] == ["folder_released"]
+    assert spool.ready() == (["s1"], None)
+    again = spool.claim("s1")
+    assert again is not None
+    assert (again.datapt_id, again.attempts, again.first_claimed_at) == (
+        claim.datapt_id,
+        1,
+        claim.first_claimed_at,
+    )
+    with pytest.raises(RuntimeError):
+        claim.record_attempt()  # the released claim is spent
+
+
+def test_release_never_overwrites_a_new_drop_of_the_same_name(spool: Spool) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    drop(spool, "s1", frames=5)
+    assert spool.release(claim) == spool.incoming / "s1.1"
+    assert len(list((spool.incoming / "s1").glob("*.png"))) == 5
+    assert session_of(spool.incoming / "s1.1")["datapt_id"] == claim.datapt_id
+
+
+# ---------------------------------------------------------------------------------------------
+# outcomes
+
+
+def _result(claim: Claim) -> dict[str, Any]:
+    return {
+        "session": claim.name,
+        "datapt_id": claim.datapt_id,
+        "attempts": claim.attempts,
+        "frames_sent": 3,
+        "frames_skipped": 0,
+        "finished": {"state": "finished", "hr": 71.5},
+        "hr": 71.5,
+    }
+
+
+def test_finish_writes_result_json_and_moves_to_done(spool: Spool) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    with structlog.testing.capture_logs() as logs:
+        done = spool.finish(claim, {**_result(claim), "snr": float("nan")})
+    assert done == spool.done / "s1" == claim.path and not claim.held
+    result = json.loads((done / RESULT_FILE).read_text())
+    assert result["datapt_id"] == claim.datapt_id and result["hr"] == 71.5 and result["snr"] is None
+    assert len(list(done.glob("*.png"))) == 3 and (done / SESSION_FILE).exists()
+    assert not any(p.name.endswith(".caired-tmp") for p in done.iterdir())
+    assert [e["event"] for e in logs] == ["folder_done"]
+    assert listing(spool.active) == []
+
+
+def test_finish_never_overwrites_a_done_folder(spool: Spool) -> None:
+    paths = []
+    for _ in range(3):
+        drop(spool, "same")
+        claim = spool.claim("same")
+        assert claim is not None
+        paths.append(spool.finish(claim, _result(claim)))
+    assert paths == [spool.done / "same", spool.done / "same.1", spool.done / "same.2"]
+    ids = {json.loads((p / RESULT_FILE).read_text())["datapt_id"] for p in paths}
+    assert len(ids) == 3
+
+
+def test_keep_frames_false_deletes_the_frames_and_keeps_result_json(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", keep_frames=False)
+    s.prepare()
+    drop(s, "s1", frames=4)
+    claim = s.claim("s1")
+    assert claim is not None
+    done = s.finish(claim, _result(claim))
+    assert listing(done) == sorted([READY_MARKER, SESSION_FILE, RESULT_FILE])
+
+
+def test_fail_writes_error_json_and_moves_to_failed(spool: Spool) -> None:
+    drop(spool, "bad")
+    claim = spool.claim("bad")
+    assert claim is not None
+    error = {"reason": "message too big", "close_code": 1009, "attempts": 1, "time": "2025-05-13T16:39:40Z"}
+    with structlog.testing.capture_logs() as logs:
+        failed = spool.fail(claim, error)
+    assert failed == spool.failed / "bad"
+    assert json.loads((failed / ERROR_FILE).read_text()) == error
+    assert len(list(failed.glob("*.png"))) == 3 and (failed / SESSION_FILE).exists()
+    assert [e["event"] for e in logs] == ["folder_failed"]
+
+
+def test_a_failed_folder_dropped_again_is_retried(spool: Spool) -> None:
+    drop(spool, "bad")
+    claim = spool.claim("bad")
+    assert claim is not None
+    os.rename(spool.fail(claim, {"reason": "x"}), spool.incoming / "bad")
+    again = spool.claim("bad")
+    assert again is not None and again.datapt_id == claim.datapt_id
+    assert not (again.path / ERROR_FILE).exists() and (again.path / spool_module.PREVIOUS_ERROR_FILE).exists()
+
+
+def _die_holding(spool: Spool, claim: Claim) -> None:
+    """What kill -9 does to a claim: the lock goes with the process, the folder stays."""
+    claim._close()
+
+
+@pytest.mark.parametrize(("outcome", "parent"), [(RESULT_FILE, "done"), (ERROR_FILE, "failed")])
+def test_crash_after_the_outcome_file_finishes_the_move_exactly_once(
+    spool: Spool, clock: FakeClock, outcome: str, parent: str
+) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    write_json_atomic(claim.path / outcome, _result(claim))
+    (claim.path / f".{outcome}.dead{spool_module._TMP_SUFFIX}").write_text('{"half')  # an interrupted write
+    _die_holding(spool, claim)
+    restarted = Spool(spool.root, clock=clock)
+    with structlog.testing.capture_logs() as logs:
+        assert restarted.recover() == ["s1"]
+        assert restarted.recover() == []
+    assert ("folder_recovered", "active", parent) in [(e["event"], e.get("from"), e.get("to")) for e in logs]
+    assert listing(spool.root / parent) == ["s1"]
+    assert listing(spool.active) == [] and listing(spool.incoming) == []  # never streamed again
+    folder = spool.root / parent / "s1"
+    assert json.loads((folder / outcome).read_text())["datapt_id"] == claim.datapt_id
+    assert not any(p.name.endswith(spool_module._TMP_SUFFIX) for p in folder.iterdir())
+
+
+def test_crash_before_the_outcome_file_streams_again(spool: Spool, clock: FakeClock) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    claim.record_attempt()
+    _die_holding(spool, claim)
+    assert Spool(spool.root, clock=clock).recover() == ["s1"]
+    assert session_of(spool.incoming / "s1")["attempts"] == 1
+
+
+def test_a_finished_folder_in_incoming_is_not_streamed_again(spool: Spool) -> None:
+    folder = drop(spool, "s1")
+    write_json_atomic(folder / RESULT_FILE, {"hr": 70})
+    assert spool.claim("s1") is None
+    assert listing(spool.done) == ["s1"] and listing(spool.active) == []
+
+
+def test_release_of_a_finished_folder_goes_to_done(spool: Spool) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    write_json_atomic(claim.path / RESULT_FILE, _result(claim))
+    assert spool.release(claim) == spool.done / "s1"
+
+
+def test_full_disk_leaves_the_folder_in_active_without_result_json(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    before = listing(claim.path)
+
+    def no_space(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", no_space)
+    with pytest.raises(SpoolError) as info:
+        spool.finish(claim, _result(claim))
+    with pytest.raises(SpoolError):
+        claim.record_attempt()
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and info.value.exit_code == ExitCode.CANT_CREATE
+    assert "result.json" in str(info.value)
+    assert claim.held and claim.path == spool.active / "s1" and claim.attempts == 0
+    assert listing(claim.path) == before  # no result.json, no temporary file
+    assert session_of(claim.path)["attempts"] == 0
+    assert spool.release(claim) == spool.incoming / "s1"  # the daemon can give it back and try later
+
+
+# ---------------------------------------------------------------------------------------------
+# camera sessions
+
+
+def test_create_active_then_handoff_streams_later_like_a_drop(spool: Spool) -> None:
+    claim = spool.create_active("cam-1", source="camera")
+    assert claim.held and claim.path == spool.active / "cam-1" and listing(spool.tmp) == []
+    assert session_of(claim.path)["source"] == "camera"
+    assert spool.recover() == []  # locked from the start
+    make_folder(claim.path / "sub")  # frames written as captured
+    with structlog.testing.capture_logs() as logs:
+        moved = spool.handoff(claim)
+    assert moved == spool.incoming / "cam-1" and [e["event"] for e in logs] == ["folder_handed_off"]
+    assert spool.ready() == (["cam-1"], None)
+    later = spool.claim("cam-1")
+    assert later is not None and (later.datapt_id, later.source) == (claim.datapt_id, "camera")
+
+
+def test_create_active_takes_a_free_name(spool: Spool) -> None:
+    first = spool.create_active("cam", source="camera")
+    second = spool.create_active("cam", source="camera")
+    assert (first.path.name, second.path.name) == ("cam", "cam.1")
+    assert first.datapt_id != second.datapt_id
+
+
+def test_recover_removes_abandoned_staging(spool: Spool) -> None:
+    (spool.tmp / f"{spool_module._NEW_PREFIX}dead").mkdir()
+    (spool.tmp / "someone-recording").mkdir()
+    spool.recover()
+    assert listing(spool.tmp) == ["someone-recording"]
+
+
+# ---------------------------------------------------------------------------------------------
+# watching
+
+
+async def test_watch_pokes_when_a_folder_is_moved_in(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", settle_seconds=0.0)
+    s.prepare()
+    send, receive = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
+        with trio.fail_after(1):
+            await receive.receive()  # the first scan at start
+        make_folder(s.tmp / "new")
+        start = trio.current_time()
+        os.rename(s.tmp / "new", s.incoming / "new")
+        with trio.fail_after(1.5):
+            await receive.receive()
+        assert trio.current_time() - start < 1.0
+        assert s.ready() == (["new"], None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_watch_stops_promptly_when_cancelled(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool")
+    s.prepare()
+    calls: list[None] = []
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(2):
+            await nursery.start(
+                lambda task_status: watch(s, lambda: calls.append(None), rescan_seconds=60, task_status=task_status)
+            )
+        await trio.sleep(0.3)  # the watcher thread is waiting for changes
+        nursery.cancel_scope.cancel()
+        cancelled_at = trio.current_time()
+    assert trio.current_time() - cancelled_at < 1.0
+    assert calls  # the first scan poked
+
+
+def _quiet_awatch(*args: Any, stop_event: Any, **kwargs: Any) -> AsyncIterator[set[Any]]:
+    """A watcher that is established and then sees nothing: only rescans can poke."""
+
+    async def generator() -> AsyncIterator[set[Any]]:
+        stop_event.is_set()  # the first look at the flag says "established"
+        await trio.to_thread.run_sync(stop_event._stop.wait)
+        return
+        yield set()
+
+    return generator()
+
+
+async def test_rescan_pokes_without_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watchfiles, "awatch", _quiet_awatch)
+    s = Spool(tmp_path / "spool", settle_seconds=0.0)
+    s.prepare()
+    poked: list[float] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: watch(
+                s, lambda: poked.append(trio.current_time()), rescan_seconds=0.2, task_status=task_status
+            )
+        )
+        await trio.sleep(0.7)
+        nursery.cancel_scope.cancel()
+    assert len(poked) >= 3  # at start, then every 0.2 s
+
+
+async def test_rescan_recovers_orphans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watchfiles, "awatch", _quiet_awatch)
+    s = Spool(tmp_path / "spool", settle_seconds=0.0)
+    s.prepare()
+    drop(s, "orphan")
+    claim = Spool(s.root).claim("orphan")
+    assert claim is not None
+    _die_holding(s, claim)
+    send, receive = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
+        with trio.fail_after(1):
+            await receive.receive()
+        assert s.ready() == (["orphan"], None)
+        nursery.cancel_scope.cancel()
+
+
+async def test_watch_pokes_again_when_a_settling_folder_is_ready(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", settle_seconds=0.5)
+    s.prepare()
+    send, receive = trio.open_memory_channel[None](1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
+        with trio.fail_after(1):
+            await receive.receive()
+        make_folder(s.incoming / "copied")  # written in place: must settle
+        start = trio.current_time()
+        with trio.fail_after(3):
+            while True:
+                await receive.receive()
+                if s.ready()[0] == ["copied"]:
+                    break
+        assert trio.current_time() - start >= 0.45
+        nursery.cancel_scope.cancel()
+
+
+async def test_watch_falls_back_to_polling_without_inotify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> AsyncIterator[set[Any]]:
+        async def generator() -> AsyncIterator[set[Any]]:
+            raise OSError(errno.ENOSPC, "OS file watch limit reached")
+            yield set()
+
+        return generator()
+
+    monkeypatch.setattr(watchfiles, "awatch", broken)
+    monkeypatch.setattr(spool_module, "POLL_SECONDS", 0.1)
+    s = Spool(tmp_path / "spool", settle_seconds=0.0)
+    s.prepare()
+    send, receive = trio.open_memory_channel[None](1)
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
+            with trio.fail_after(1):
+                await receive.receive()
+            drop(s, "late")
+            with trio.fail_after(1):
+                await receive.receive()
+            assert s.ready() == (["late"], None)
+            nursery.cancel_scope.cancel()
+    assert [e["event"] for e in logs].count("spool_watch_polling") == 1
+
+
+async def test_watch_returns_when_the_consumer_closes_the_channel(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "spool", settle_seconds=0.0)
+    s.prepare()
+    send, receive = trio.open_memory_channel[None](1)
+    await receive.aclose()
+    with trio.fail_after(1):
+        await watch(s, send, rescan_seconds=60)
