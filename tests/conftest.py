@@ -23,7 +23,13 @@ T0 = 1747154380.5511632
 
 
 def write_frames(
-    directory: Path, count: int, *, fps: float = 30.0, start: float = T0, size: tuple[int, int] = (64, 48), seed: int = 0
+    directory: Path,
+    count: int,
+    *,
+    fps: float = 30.0,
+    start: float = T0,
+    size: tuple[int, int] = (64, 48),
+    seed: int = 0,
 ) -> list[Path]:
     """``count`` small noisy PNG frames named by timestamp, 1/fps apart."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,9 +98,9 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-                  timeout: float = 60) -> trio.CompletedProcess[bytes]:
+                  deadline: float = 60) -> trio.CompletedProcess[bytes]:
     """Run ``python -m caired ARGS`` to completion; stdout and stderr captured."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(deadline):
         return await trio.run_process(
             [sys.executable, "-m", "caired", *args],
             env=env if env is not None else cli_env(),

@@ -1,0 +1,147 @@
+"""``caired demo``: the whole loop on this machine, with no network and no camera.
+
+A local backend on a free loopback port; a temporary spool; the daemon (the same
+machinery ``caired run`` uses); a synthesized face whose skin pulses at a random
+heart rate, dropped into the spool the recommended way (written beside, then
+renamed in). It shows progress as the backend receives the frames, then the heart
+rate the backend estimated beside the truth, and where the log and result.json are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import structlog
+import trio
+
+from caired import logging as clog
+from caired.cli import add_common, command
+from caired.config import Config
+from caired.daemon import serve
+from caired.emulator.server import BackendOptions, BackendState, serve_backend
+from caired.errors import CairedError, ExitCode
+from caired.progress import CLEAR
+from caired.synth import synthesize
+from caired.systemd import Notifier
+
+log = structlog.get_logger()
+
+DEADLINE: Final = 120.0  # the demo gives up on a session this late
+
+
+class DemoFailed(CairedError):
+    exit_code = ExitCode.SESSION_FAILED
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = command(sub, "demo", _main, help="run backend, daemon and a synthetic session end to end, offline",
+                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bpm", type=float, default=None, help="the true heart rate (default: random, 55-100)")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the session (default 20)")
+    p.add_argument("--fps", dest="stream.fps", type=float, metavar="N",
+                   help="frames per second on the wire (default 30; 0 = as fast as possible)")
+    p.add_argument("--format", dest="stream.format", choices=["jpeg", "raw"], help="frame format (default jpeg)")
+    p.add_argument("--keep", action="store_true", help="keep the spool, log and result.json afterwards")
+    p.add_argument("--dir", type=Path, default=None, help="work in DIR instead of a temporary folder (implies --keep)")
+    add_common(p)
+
+
+def _main(cfg: Config, args: argparse.Namespace) -> int:
+    bpm = args.bpm if args.bpm is not None else round(random.uniform(55, 100), 1)
+    if not 40 <= bpm <= 200:
+        raise DemoFailed("--bpm must be between 40 and 200")
+    if not 6 <= args.seconds <= 120:
+        raise DemoFailed("--seconds must be between 6 and 120 (the estimate needs 5 s of frames)")
+    keep = args.keep or args.dir is not None
+    work = args.dir or Path(tempfile.mkdtemp(prefix="caired-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = trio.run(_demo, cfg, work, bpm, args.seconds)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    _report(outcome, bpm, work if keep else None)
+    return 0
+
+
+@attrs.frozen
+class Outcome:
+    result: dict[str, Any]
+    log_file: Path
+    result_file: Path
+    seconds: float
+
+
+async def _demo(cfg: Config, work: Path, bpm: float, seconds: float) -> Outcome:
+    began = time.monotonic()
+    spool, log_file = work / "spool", work / "caired.jsonl"
+    async with trio.open_nursery() as nursery:
+        state: BackendState = await nursery.start(serve_backend, BackendOptions())
+        cfg = attrs.evolve(
+            cfg,
+            backend=attrs.evolve(cfg.backend, url=f"ws://127.0.0.1:{state.port}/ws/", finish_timeout=60.0),
+            spool=attrs.evolve(cfg.spool, dir=str(spool), settle_seconds=1.0, rescan_seconds=5.0),
+            log=attrs.evolve(cfg.log, file=str(log_file)),
+        )
+        clog.configure(cfg)
+        await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None), task_status=task_status))
+        name = f"demo-{time.strftime('%Y%m%dT%H%M%S')}"
+        staging = spool / "tmp" / name
+        log.info("demo_synthesizing", bpm=bpm, seconds=seconds, folder=str(staging))
+        await trio.to_thread.run_sync(lambda: synthesize(staging, bpm=bpm, seconds=seconds, fps=30.0))
+        staging.rename(spool / "incoming" / name)
+        log.info("demo_dropped", folder=str(spool / "incoming" / name))
+        total = round(seconds * 30.0)
+        result_file = await _wait_for_result(spool, name, state, total)
+        nursery.cancel_scope.cancel()
+    result = json.loads(result_file.read_text())
+    return Outcome(result=result, log_file=log_file, result_file=result_file, seconds=time.monotonic() - began)
+
+
+async def _wait_for_result(spool: Path, name: str, state: BackendState, total: int) -> Path:
+    tty = sys.stderr.isatty()
+    with trio.move_on_after(DEADLINE):
+        while True:
+            done = spool / "done" / name / "result.json"
+            if done.exists():
+                if tty:
+                    sys.stderr.write(CLEAR)
+                return done
+            failed = spool / "failed" / name / "error.json"
+            if failed.exists():
+                reason = json.loads(failed.read_text()).get("reason", "unknown")
+                raise DemoFailed(f"the demo session failed: {reason}")
+            if tty and state.sessions:
+                seen = state.sessions[-1]
+                hr = next((a["inference"]["hr"] for a in reversed(seen.answers)), None)
+                shown = "warming up" if hr is None or hr < 0 else f"{hr} bpm"
+                sys.stderr.write(f"{CLEAR}backend received {len(seen.frames)}/{total} frames · HR {shown}")
+                sys.stderr.flush()
+            await trio.sleep(0.2)
+    raise DemoFailed(f"no result within {DEADLINE:g} s")
+
+
+def _report(outcome: Outcome, bpm: float, kept: Path | None) -> None:
+    hr = outcome.result.get("hr")
+    error = f"{hr - bpm:+.1f}" if isinstance(hr, int | float) else "n/a"
+    lines = [
+        "",
+        f"  heart rate estimated by the backend : {hr} bpm",
+        f"  true heart rate of the synthetic face: {bpm} bpm   (error {error} bpm)",
+        f"  frames sent: {outcome.result.get('frames_sent')}   attempts: {outcome.result.get('attempts')}   "
+        f"took {outcome.seconds:.1f} s",
+    ]
+    if kept is not None:
+        lines += [f"  log:         {outcome.log_file}", f"  result.json: {outcome.result_file}"]
+    else:
+        lines += ["  (the temporary spool, log and result.json were removed; --keep keeps them)"]
+    print("\n".join(lines), file=sys.stderr)
