@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+import attrs
+
 from caired import __version__
 from caired.config import Config, key_file_warning
 from caired.errors import CairedError, ExitCode
@@ -107,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(parser, args)
         from caired import logging as clog
 
-        clog.configure(cfg)
+        if getattr(args, "opens_log_file", True):
+            clog.configure(cfg)
+        else:
+            clog.configure(attrs.evolve(cfg, log=attrs.evolve(cfg.log, file="")))
         if cfg.backend.api_key_file and (warning := key_file_warning(cfg.backend.api_key_file)):
             clog.get_logger().warning("key_file_readable_by_others", problem=warning)
         return int(handler(cfg, args))

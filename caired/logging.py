@@ -21,6 +21,7 @@ from typing import IO, Any, Final, TextIO
 import structlog
 
 from caired.config import Config
+from caired.errors import CairedError, ExitCode
 from caired.protocol import REDACTED, redact_url
 
 FIRST_KEYS: Final = ("timestamp", "level", "event")
@@ -182,11 +183,18 @@ def _for_console(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return shown
 
 
+class LogFileError(CairedError, OSError):
+    exit_code = ExitCode.CANT_CREATE
+
+
 def _open_log(path: str) -> int:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise LogFileError(f"cannot open the log file {path}: {exc.strerror or exc} (log.file)") from None
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -33,6 +33,7 @@ PROG: Final = "caired check-config"
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = command(sub, "check-config", _main, help="load the configuration as 'run' would and report it")
+    p.set_defaults(opens_log_file=False)  # checking the log file must not create it
     add_common(p)
 
 
