@@ -249,9 +249,21 @@ def _same_inode(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def _touch(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o660)
-    os.close(fd)
+def _mark_ready(folder: Path) -> None:
+    """Put the ``.ready`` marker in a folder known to be complete. Best effort: without it the
+    folder is still taken, after settle_seconds."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(folder / READY_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o660))
+
+
+def _fsync_dirs(*paths: Path) -> None:
+    """Make renames durable. After a rename has happened a failure here is only logged: if the
+    rename is lost with the power, recover() finds the folder where it was and moves it again."""
+    for path in paths:
+        try:
+            _fsync_dir(path)
+        except OSError as exc:
+            log.warning("spool_fsync_failed", path=str(path), error=exc.strerror or str(exc))
 
 
 def _is_frame(name: str) -> bool:
@@ -575,8 +587,10 @@ class Spool:
             if fresh:
                 write_json_atomic(path / SESSION_FILE, claim.session())
         except OSError as exc:
-            with contextlib.suppress(OSError):
+            try:
                 self._move_back(claim, event="folder_released")
+            except OSError:
+                self._drop(claim)  # unlocked in active/: the next recover() gives it back
             if isinstance(exc, SpoolError):
                 raise
             raise _spool_error("claim", path, exc, "check the spool's permissions") from exc
@@ -670,14 +684,14 @@ class Spool:
         return self._move_back(claim, event="folder_handed_off")
 
     def _move_back(self, claim: Claim, *, event: str) -> Path:
+        origin = claim.path.parent
+        _mark_ready(claim.path)
         try:
-            _touch(claim.path / READY_MARKER)
             dest = _move_unique(claim.path, self.incoming, claim.name)
         except OSError as exc:
             raise _spool_error("move back to incoming/", claim.path, exc, "check the spool's permissions") from exc
-        with contextlib.suppress(OSError):
-            _fsync_dir(self.incoming)
         claim.path = dest
+        _fsync_dirs(self.incoming, origin)
         self._drop(claim)
         log.info(event, session=claim.name, datapt_id=claim.datapt_id, path=str(dest))
         return dest
@@ -687,12 +701,11 @@ class Spool:
         origin = claim.path.parent
         try:
             dest = _move_unique(claim.path, parent, claim.path.name)
-            _fsync_dir(parent)
-            _fsync_dir(origin)
         except OSError as exc:
             raise _spool_error(f"move into {parent.name}/", claim.path, exc, "check the spool's permissions") from exc
         claim.path = dest
         self._drop(claim)
+        _fsync_dirs(parent, origin)
         deleted = self._delete_frames(dest) if parent == self.done and not self.keep_frames else 0
         log.info(event, session=claim.name, datapt_id=claim.datapt_id, path=str(dest), frames_deleted=deleted)
         return dest
@@ -777,7 +790,7 @@ class Spool:
             if (path / RESULT_FILE).exists() or (path / ERROR_FILE).exists():
                 self._retire_finished(claim, origin="active")
                 return True
-            _touch(path / READY_MARKER)
+            _mark_ready(path)
             claim.path = _move_unique(path, self.incoming, claim.name)
         except SpoolError:
             raise
@@ -785,8 +798,7 @@ class Spool:
             raise _spool_error("move back to incoming/", path, exc, "check the spool's permissions") from exc
         finally:
             claim._close()
-        with contextlib.suppress(OSError):
-            _fsync_dir(self.incoming)
+        _fsync_dirs(self.incoming, self.active)
         log.info(
             "folder_recovered",
             session=claim.name,

@@ -726,3 +726,18 @@ async def test_watch_returns_when_the_consumer_closes_the_channel(tmp_path: Path
     await receive.aclose()
     with trio.fail_after(1):
         await watch(s, send, rescan_seconds=60)
+
+
+def test_full_disk_at_claim_gives_the_folder_back(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    drop(spool, "s1")
+
+    def no_space(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", no_space)
+    with pytest.raises(SpoolError):
+        spool.claim("s1")
+    monkeypatch.undo()
+    assert listing(spool.active) == [] and not (spool.incoming / "s1" / SESSION_FILE).exists()
+    assert not any(p.name.endswith(spool_module._TMP_SUFFIX) for p in (spool.incoming / "s1").iterdir())
+    assert spool.claim("s1") is not None  # not left locked
