@@ -58,7 +58,8 @@ Claiming (Maildir's way)
 The datapoint session file
     ``.caired-session.json`` travels inside the folder: ``datapt_id`` (a uuid4, the same
     for every attempt, across releases and restarts), ``attempts``, ``first_claimed_at``,
-    ``source`` and the folder's original ``name``. It stays in done/ and failed/ folders.
+    ``source`` and the folder's ``name`` in incoming/ when it was claimed. It stays in done/
+    and failed/ folders.
 
 Crash safety (kill -9, power loss, full disk)
     Every JSON file is written to a temporary name in the same folder, fsynced, renamed
@@ -569,7 +570,7 @@ class Spool:
                 "name": name,
             }
         claim = Claim(
-            name=session["name"],
+            name=name,  # as dropped (or released) this time; the session file says it from now on
             path=path,
             datapt_id=session["datapt_id"],
             attempts=session["attempts"],

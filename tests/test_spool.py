@@ -741,3 +741,14 @@ def test_full_disk_at_claim_gives_the_folder_back(spool: Spool, monkeypatch: pyt
     assert listing(spool.active) == [] and not (spool.incoming / "s1" / SESSION_FILE).exists()
     assert not any(p.name.endswith(spool_module._TMP_SUFFIX) for p in (spool.incoming / "s1").iterdir())
     assert spool.claim("s1") is not None  # not left locked
+
+
+def test_a_claim_is_named_as_dropped(spool: Spool) -> None:
+    drop(spool, "first")
+    claim = spool.claim("first")
+    assert claim is not None
+    os.rename(spool.release(claim), spool.incoming / "renamed")
+    again = spool.claim("renamed")
+    assert again is not None and again.name == "renamed" and again.datapt_id == claim.datapt_id
+    again.record_attempt()
+    assert session_of(again.path)["name"] == "renamed"
