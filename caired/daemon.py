@@ -20,6 +20,8 @@ folders go back to incoming/, each in a shielded ``finally`` with a deadline.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import signal
 import time
@@ -58,9 +60,29 @@ class Daemon:
     finished: int = 0
     failed: int = 0
     in_flight: dict[str, Claim] = attrs.field(factory=dict)
+    # Folders of incoming/ (by name; "" is the scan itself) not to touch before a trio time.
+    _held_back: dict[str, float] = attrs.field(factory=dict, init=False)
 
     def changed(self) -> None:
         self.status_changed.set()
+
+    def hold_back(self, name: str) -> None:
+        """A spool error on this folder: leave it alone for SPOOL_RETRY seconds."""
+        self._held_back[name] = trio.current_time() + SPOOL_RETRY
+
+    def held_back(self, name: str) -> bool:
+        return self._held_back.get(name, -math.inf) > trio.current_time()
+
+    def forget_held_back(self, *, keep: list[str]) -> None:
+        """Drop the entries whose time is up, unless the folder is still there to be tried."""
+        now = trio.current_time()
+        present = set(keep)
+        self._held_back = {n: t for n, t in self._held_back.items() if t > now or n in present}
+
+    def next_look(self) -> float:
+        """When a held-back folder may be tried again without a poke (inf: none is held back)."""
+        now = trio.current_time()
+        return min((t for t in self._held_back.values() if t > now), default=math.inf)
 
 
 async def serve(
@@ -122,22 +144,44 @@ async def _signals(scope: trio.CancelScope, notifier: Notifier) -> None:
 
 async def _dispatch(daemon: Daemon, nursery: trio.Nursery, pokes: trio.MemoryReceiveChannel[None]) -> None:
     """Claim ready folders, oldest first, whenever a session slot is free."""
-    spool = daemon.spool
     async with pokes:
         while True:
             await daemon.slots.acquire()
-            claim = None
-            while claim is None:
-                names, _ = await trio.to_thread.run_sync(spool.ready)
-                for name in names:
-                    claim = await trio.to_thread.run_sync(lambda n=name: spool.claim(n, source="drop"))
-                    if claim is not None:
-                        break
-                if claim is None:
+            while (claim := await _claim_oldest(daemon)) is None:
+                with trio.move_on_at(daemon.next_look()):
                     await pokes.receive()  # the watcher says when to look again
             daemon.in_flight[claim.name] = claim
             daemon.changed()
             nursery.start_soon(_session_task, daemon, claim)
+
+
+async def _claim_oldest(daemon: Daemon) -> Claim | None:
+    """Claim the oldest ready folder not held back; None when there is none.
+
+    A spool error concerns one folder (unreadable, cannot be moved) or the scan: it is
+    logged and that folder (or the scan) tried again after SPOOL_RETRY, so one bad drop
+    neither stops the daemon nor keeps it busy.
+    """
+    spool = daemon.spool
+    try:
+        names, _ = await trio.to_thread.run_sync(spool.ready)
+    except SpoolError as err:
+        log.error("spool_scan_failed", problem=str(err), retry_seconds=SPOOL_RETRY)
+        daemon.hold_back("")
+        return None
+    daemon.forget_held_back(keep=names)
+    for name in names:
+        if daemon.held_back(name):
+            continue
+        try:
+            claim = await trio.to_thread.run_sync(functools.partial(spool.claim, name, source="drop"))
+        except SpoolError as err:
+            log.error("folder_claim_failed", session=name, problem=str(err), retry_seconds=SPOOL_RETRY)
+            daemon.hold_back(name)
+            continue
+        if claim is not None:
+            return claim
+    return None
 
 
 async def _session_task(daemon: Daemon, claim: Claim) -> None:
@@ -182,7 +226,8 @@ async def run_folder_session(daemon: Daemon, claim: Claim, *, source_name: str =
             filed = True
             daemon.finished += 1
         except SpoolError as err:
-            log.error("spool_write_failed", problem=str(err))
+            log.error("spool_write_failed", problem=str(err), retry_seconds=SPOOL_RETRY)
+            daemon.hold_back(claim.name)  # given back below; streaming it again at once would fail alike
         finally:
             if not filed and claim.held:
                 with trio.move_on_after(CLEANUP_DEADLINE, shield=True):
