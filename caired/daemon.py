@@ -255,9 +255,9 @@ def _error_record(claim: Claim, err: NoFramesError | SessionError) -> dict[str, 
 async def _status(daemon: Daemon) -> None:
     """Keep STATUS= current: folder counts and the backend's state."""
     while True:
+        daemon.status_changed = trio.Event()  # before counting: a change from now on is seen next round
         counts = await trio.to_thread.run_sync(daemon.spool.counts)
         daemon.notifier.status(status_line(counts, daemon.gate.state, streaming=len(daemon.in_flight)))
-        daemon.status_changed = trio.Event()
         with trio.move_on_after(STATUS_EVERY):
             await daemon.status_changed.wait()
         await trio.sleep(0.5)  # coalesce bursts of changes
