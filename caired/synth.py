@@ -3,9 +3,10 @@
 The scene is a face-like skin ellipse (hair, eyes, brows, mouth) on a textured wall,
 swaying a few pixels, under a slowly drifting exposure, with per-pixel sensor noise.
 The skin carries a blood-volume pulse at ``bpm``: a systolic peak and a dicrotic wave
-per beat, with slight beat-to-beat variability, about one intensity level of 255 in
-green and less in red and blue (relative weights 0.33, 0.77, 0.53, as measured in the
-rPPG literature). It is invisible to the eye and findable by rPPG.
+per beat, with slight beat-to-beat variability. As in life, more blood absorbs more
+light, so the skin darkens with each beat, by about one intensity level of 255 in green
+and less in red and blue (relative weights 0.33, 0.77, 0.53, as measured in the rPPG
+literature). It is invisible to the eye and findable by rPPG.
 
 Everything is deterministic for a given ``seed``: each frame's noise comes from its
 own generator spawned from the seed, so frames can be rendered in any order, on any
@@ -182,14 +183,14 @@ def pulse_wave(
 ) -> npt.NDArray[np.float64]:
     """The blood-volume pulse at ``times`` (seconds), unit peak-to-peak, averaging exactly ``bpm``.
 
-    Beat-to-beat intervals wander by a few percent (a smoothed random walk, rescaled so
-    their mean is 60 / bpm) and each beat's height varies slightly, as in a resting person.
+    Beat-to-beat intervals wander by about 2% (a moving average of white noise, rescaled
+    so their mean is 60 / bpm) and each beat's height varies slightly, as in a resting person.
     """
     period = 60.0 / bpm
     span = float(times[-1] - times[0]) if len(times) else 0.0
     beats = int(span / period) + 3
     wander = np.convolve(rng.standard_normal(beats + 4), np.ones(5) / math.sqrt(5), mode="valid")[:beats]
-    intervals = period * (1.0 + 0.03 * wander)
+    intervals = period * (1.0 + 0.02 * wander)
     intervals *= period / intervals.mean()
     onsets = times[0] - rng.uniform(0.0, period) + np.concatenate(([0.0], np.cumsum(intervals)))
     heights = 1.0 + 0.06 * rng.standard_normal(beats)
@@ -213,7 +214,7 @@ class _Scene:
         self._face, self._alpha, self._skin = _face(width, height, rng)
         pulse = pulse_wave(times, bpm, np.random.default_rng(pulse_seq))
         breath = 0.25 * np.sin(2 * np.pi * 0.23 * times + rng.uniform(0, 2 * np.pi))  # venous, out of band
-        self._pulse = (PULSE_DEPTH * (pulse + breath)).astype(np.float32)
+        self._pulse = (-PULSE_DEPTH * (pulse + breath)).astype(np.float32)  # more blood, darker skin
         # Auto-exposure drifting by half a percent, slowly.
         self._gain = (1.0 + 0.005 * np.sin(2 * np.pi * 0.05 * times + rng.uniform(0, 2 * np.pi))).astype(np.float32)
         # Sway of a few pixels: two slow sinusoids per axis with random phases.

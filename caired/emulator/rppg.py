@@ -121,7 +121,8 @@ class PulseEstimator:
     def signal(self) -> tuple[list[float], list[float]]:
         """(rPPG values, their frame timestamps) over the current window; empty until ``min_seconds``.
 
-        Values are the band-passed pulse in units of its standard deviation over the window.
+        Values are the band-passed blood-volume pulse (systolic peaks up, as in a finger PPG)
+        in units of its standard deviation over the window.
         Windows of consecutive calls overlap and agree on timestamps.
         """
         pulse = self._current()
@@ -172,7 +173,8 @@ def analyse(times: Floats, rgb: Floats, *, with_signal: bool = True) -> Pulse:
     hr = peak_bpm(pulse, FS)
     if not with_signal:
         return Pulse(hr, [], [])
-    values = np.round(np.interp(times, grid, pulse / spread), 4)
+    # POS follows skin brightness, which falls as blood volume rises: flip it to read as a PPG.
+    values = np.round(np.interp(times, grid, -pulse / spread), 4)
     return Pulse(hr, values.tolist(), times.tolist())
 
 
