@@ -1,0 +1,356 @@
+"""``caired record [DIR]``: capture camera frames into a folder of PNGs named by capture time.
+
+Each frame becomes ``<UNIX seconds>.png`` (``1747154380.5511632.png``), the stem being the
+timestamp ``caired stream`` sends. A file appears whole: it is written under a hidden
+temporary name in the same folder and renamed. Capture runs on an absolute schedule;
+PNG encoding and writing run in worker threads behind a small bounded queue, and a frame
+that finds the queue full is dropped and counted rather than held in memory.
+
+Into a spool: with ``--to-spool``, or a DIR inside a folder named ``incoming``, frames are
+written to ``<spool>/tmp/<name>/`` and the folder is moved into ``<spool>/incoming/`` in one
+rename when the capture ends, so the daemon never sees a half-written recording.
+
+Ctrl-C stops the capture, writes the frames already in hand and keeps the recording (moved
+into the spool too); a second Ctrl-C stops at once. The exit code is then 130, as for any
+command a user interrupted. A camera that cannot be opened exits 74 with one line; one that
+stops delivering frames exits 74 too, keeping (and publishing) what was recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import itertools
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import Final
+
+import attrs
+import cv2
+import structlog
+import trio
+
+from caired import camera
+from caired.camera import CapturedFrame, CaptureStats, Image
+from caired.cli import add_bool, add_common, command
+from caired.config import Config
+from caired.errors import CairedError, DeviceError, ExitCode
+
+log = structlog.get_logger()
+
+# Frames held between the capture and the PNG writers; past this, frames are dropped.
+QUEUE_SIZE: Final = 16
+# PNG encoders running at once (each in its own worker thread).
+WRITERS: Final = 2
+PREVIEW_WINDOW: Final = "caired record (q to stop)"
+INTERRUPTED: Final = 130  # 128 + SIGINT, what shells and most CLIs report for Ctrl-C
+
+_BUILT_WITHOUT_GUI: Final = re.compile(r"^\s*GUI:\s*NONE\s*$", re.MULTILINE)
+
+
+class OutputError(CairedError, OSError):
+    """The recording folder or a frame file could not be written."""
+
+    exit_code = ExitCode.CANT_CREATE
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """Where a recording goes: written into ``directory``; in spool mode then moved into ``incoming``."""
+
+    directory: Path  # the folder asked for, or the session's name inside the spool
+    spool: Path | None = None  # spool mode: staged in <spool>/tmp/<name>, published to <spool>/incoming/<name>
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+
+def plan(cfg: Config, directory: str | None, *, to_spool: bool, now: float) -> Plan:
+    """Decide where frames go: a plain folder, or a session staged for the spool."""
+    if to_spool:
+        name = Path(directory).name if directory else time.strftime("rec-%Y%m%dT%H%M%SZ", time.gmtime(now))
+        return Plan(directory=Path(cfg.spool.dir) / "incoming" / name, spool=Path(cfg.spool.dir))
+    target = Path(directory or cfg.stream.images_dir).absolute()
+    if target.parent.name == "incoming":
+        return Plan(directory=target, spool=target.parent.parent)
+    return Plan(directory=target)
+
+
+@attrs.define
+class _Recording:
+    """What the writers and the signal watcher found; read once everything has stopped."""
+
+    folder: Path
+    created: bool
+    written: int = 0
+    error: OutputError | None = None
+    interrupted: bool = False
+    stopped_from_preview: bool = False
+
+
+def _prepare(target: Plan) -> tuple[Path, bool]:
+    """Create the folder frames are written into; returns it and whether it was made here."""
+    try:
+        if target.spool is None:
+            existed = target.directory.is_dir()
+            target.directory.mkdir(parents=True, exist_ok=True)
+            if existed and any(True for _ in os.scandir(target.directory)):
+                log.warning("record_dir_not_empty", dir=str(target.directory),
+                            hint="frames of this recording are added to what is there")
+            return target.directory, not existed
+        staging_root = target.spool / "tmp"  # beside incoming/, so publishing is one rename
+        staging_root.mkdir(parents=True, exist_ok=True)
+        (target.spool / "incoming").mkdir(exist_ok=True)
+        for n in itertools.count(1):
+            staging = staging_root / (target.name if n == 1 else f"{target.name}-{n}")
+            try:
+                staging.mkdir()
+            except FileExistsError:
+                continue
+            return staging, True
+    except OSError as exc:
+        where = exc.filename or target.directory
+        raise OutputError(f"cannot create {where}: {exc.strerror or exc}; choose another DIR or spool.dir") from None
+    raise AssertionError("unreachable")
+
+
+def _write_png(folder: Path, frame: CapturedFrame) -> None:
+    """Encode and write one frame so that it appears whole: a hidden temporary name, then a rename."""
+    ok, data = cv2.imencode(".png", frame.image)
+    if not ok:
+        raise OutputError(f"frame {frame.timestamp} could not be encoded as PNG")
+    final = folder / f"{frame.timestamp}.png"
+    partial = folder / f".tmp-{frame.timestamp}.png"
+    try:
+        with open(partial, "wb") as fh:
+            fh.write(data.tobytes())
+        os.replace(partial, final)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(partial)
+        raise
+
+
+def _publish(staging: Path, spool: Path, name: str) -> Path:
+    """Move a staged recording into <spool>/incoming/ in one rename; a taken name gets a suffix."""
+    incoming = spool / "incoming"
+    for n in itertools.count(1):
+        target = incoming / (name if n == 1 else f"{name}-{n}")
+        if target.exists():
+            continue
+        try:
+            os.rename(staging, target)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:  # someone made the folder between the check and the rename
+                continue
+            raise OutputError(f"cannot move {staging} into {incoming}: {exc.strerror or exc}") from None
+        return target
+    raise AssertionError("unreachable")
+
+
+def _finish(recording: _Recording, target: Plan) -> Path | None:
+    """Publish or tidy up; returns where the frames are, None when there are none."""
+    folder = recording.folder
+    if recording.written == 0:
+        if recording.created:
+            with suppress(OSError):
+                folder.rmdir()  # only if empty: nothing of anyone else's goes
+        return None
+    if target.spool is None:
+        return folder
+    return _publish(folder, target.spool, target.name)
+
+
+async def _writer(
+    receive: trio.MemoryReceiveChannel[CapturedFrame],
+    recording: _Recording,
+    preview: _Preview | None,
+    stop_capture: Callable[[], None],
+) -> None:
+    async with receive:
+        async for frame in receive:
+            if preview is not None:
+                preview.offer(frame.image)
+            try:
+                # Not abandoned on cancel: a started write always ends renamed or removed.
+                await trio.to_thread.run_sync(_write_png, recording.folder, frame)
+            except OSError as exc:
+                if recording.error is None:
+                    recording.error = (
+                        exc if isinstance(exc, OutputError)
+                        else OutputError(f"cannot write {exc.filename or recording.folder}: {exc.strerror or exc}")
+                    )
+                stop_capture()
+                return
+            recording.written += 1
+
+
+class _Preview:
+    """A window showing the newest frame; its own thread owns every GUI call."""
+
+    def __init__(self) -> None:
+        self._latest: Image | None = None
+        self._new = threading.Event()
+        self._stop = threading.Event()
+
+    @staticmethod
+    def problem() -> str | None:
+        """Why no preview can be shown here, or None."""
+        if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            return "no display ($DISPLAY and $WAYLAND_DISPLAY are unset)"
+        if _BUILT_WITHOUT_GUI.search(cv2.getBuildInformation()):
+            return "OpenCV has no GUI support (opencv-python-headless); install opencv-python for a preview"
+        return None
+
+    def offer(self, image: Image) -> None:
+        self._latest = image
+        self._new.set()
+
+    async def run(self, stop_capture: Callable[[], None], recording: _Recording) -> None:
+        try:
+            outcome = await trio.to_thread.run_sync(self._show, abandon_on_cancel=True)
+        finally:
+            self._stop.set()
+        if outcome == "q":
+            log.info("record_stopped_from_preview")
+            recording.stopped_from_preview = True
+            stop_capture()
+        elif outcome:
+            log.info("preview_skipped", reason=outcome)
+
+    def _show(self) -> str | None:
+        try:
+            cv2.namedWindow(PREVIEW_WINDOW, cv2.WINDOW_AUTOSIZE)
+        except cv2.error as exc:
+            return f"OpenCV cannot open a window: {str(exc).strip().splitlines()[-1]}"
+        try:
+            while not self._stop.is_set():
+                if self._new.wait(0.03):
+                    self._new.clear()
+                    if self._latest is not None:
+                        cv2.imshow(PREVIEW_WINDOW, self._latest)
+                if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                    return "q"
+            return None
+        except cv2.error as exc:
+            return f"OpenCV cannot show the preview: {str(exc).strip().splitlines()[-1]}"
+        finally:
+            with suppress(cv2.error):
+                cv2.destroyWindow(PREVIEW_WINDOW)
+                cv2.waitKey(1)
+
+
+async def _watch_signals(stop_capture: Callable[[], None], stop_all: Callable[[], None], recording: _Recording) -> None:
+    """First Ctrl-C (or SIGTERM): stop capturing, keep the frames in hand. Second: stop at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if recording.interrupted:
+                stop_all()
+                return
+            recording.interrupted = True
+            log.info("record_interrupted", signal=signal.Signals(signum).name,
+                     hint="writing the frames in hand; press Ctrl-C again to stop at once")
+            stop_capture()
+
+
+async def record(cfg: Config, target: Plan) -> int:
+    """Record ``cfg.record.duration`` seconds into ``target``; returns the exit code."""
+    folder, created = await trio.to_thread.run_sync(_prepare, target)
+    recording = _Recording(folder=folder, created=created)
+    stats = CaptureStats()
+    device_error: DeviceError | None = None
+    capture_scope = trio.CancelScope()
+    preview: _Preview | None = None
+    if cfg.record.preview:
+        if (problem := _Preview.problem()) is None:
+            preview = _Preview()
+        else:
+            log.info("preview_skipped", reason=problem)
+    send, receive = trio.open_memory_channel[CapturedFrame](QUEUE_SIZE)
+    try:
+        async with trio.open_nursery() as outer:
+            if threading.current_thread() is threading.main_thread():
+                outer.start_soon(_watch_signals, capture_scope.cancel, outer.cancel_scope.cancel, recording)
+            if preview is not None:
+                outer.start_soon(preview.run, capture_scope.cancel, recording)
+            async with trio.open_nursery() as writers:
+                async with receive:
+                    for _ in range(WRITERS):
+                        writers.start_soon(_writer, receive.clone(), recording, preview, capture_scope.cancel)
+                with capture_scope:
+                    try:
+                        await camera.capture(cfg.camera, send, seconds=cfg.record.duration, stats=stats)
+                    except DeviceError as exc:
+                        device_error = exc
+                send.close()  # the writers finish the frames in hand, then stop
+            outer.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            where = await trio.to_thread.run_sync(_finish, recording, target)
+    if device_error is not None and stats.captured == 0:
+        raise device_error  # never opened, or not one frame: nothing to report but the reason
+    _summary(recording, stats, where, partial=device_error is not None)
+    if recording.error is not None:
+        raise recording.error
+    if device_error is not None:
+        raise device_error
+    return INTERRUPTED if recording.interrupted else ExitCode.OK
+
+
+def _summary(recording: _Recording, stats: CaptureStats, where: Path | None, *, partial: bool) -> None:
+    if stats.dropped:
+        log.warning("record_frames_dropped", count=stats.dropped,
+                    hint="the disk or CPU could not keep up; lower --fps or the resolution")
+    seconds = stats.seconds
+    log.info(
+        "record_finished",
+        frames=recording.written,
+        captured=stats.captured,
+        dropped=stats.dropped,
+        seconds=round(seconds, 2),
+        fps=round(recording.written / seconds, 2) if seconds > 0 else 0.0,
+        dir=str(where) if where is not None else None,
+        partial=partial,
+        interrupted=recording.interrupted,
+    )
+
+
+def _main(cfg: Config, args: argparse.Namespace) -> int:
+    target = plan(cfg, args.dir, to_spool=args.to_spool, now=time.time())
+    return trio.run(record, cfg, target)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = command(
+        sub,
+        "record",
+        _main,
+        help="capture camera frames into a folder of PNGs named by capture time",
+        description=(
+            "Capture frames from a camera into DIR as <UNIX seconds>.png files. With --to-spool, or a DIR "
+            "inside a spool's incoming/ folder, the recording is moved into the spool in one rename when it "
+            "ends, for the daemon to stream. Ctrl-C stops and keeps what was recorded (exit 130)."
+        ),
+    )
+    p.add_argument("dir", nargs="?", metavar="DIR",
+                   help="output folder (default: stream.images_dir, IMAGES_DIR); with --to-spool, the session name")
+    p.add_argument("--camera", dest="camera.device", metavar="DEVICE",
+                   help="camera index, /dev/videoN or a video file (CAMERA_INDEX)")
+    p.add_argument("--fps", dest="camera.fps", type=float, metavar="N", help="frames per second (FPS)")
+    p.add_argument("--duration", dest="record.duration", type=float, metavar="SECONDS",
+                   help="seconds to record (DURATION_SEC)")
+    p.add_argument("--width", dest="camera.width", type=int, metavar="PX", help="capture width (RES_WIDTH)")
+    p.add_argument("--height", dest="camera.height", type=int, metavar="PX", help="capture height (RES_HEIGHT)")
+    add_bool(p, "preview", "record.preview", "show a preview window where a display exists; q stops (SHOW_PREVIEW)")
+    p.add_argument("--to-spool", action="store_true",
+                   help="record into the spool (spool.dir): staged in tmp/, moved into incoming/ at the end")
+    add_common(p)

@@ -1,0 +1,386 @@
+"""``caired record``, run in-process through the CLI with a video file (or a fake capture) as the camera."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from caired import camera, cli, record
+from caired.camera import CapturedFrame
+
+PNG = re.compile(r"^\d+\.\d+\.png$")
+ENV_NAMES = ("FPS", "DURATION_SEC", "CAMERA_INDEX", "IMAGES_DIR", "RES_WIDTH", "RES_HEIGHT", "SHOW_PREVIEW",
+             "DISPLAY", "WAYLAND_DISPLAY")
+
+
+def write_video(path: Path, frames: int = 30, size: tuple[int, int] = (64, 48)) -> Path:
+    """A short MJPG .avi whose frames differ, readable by headless OpenCV."""
+    width, height = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30, (width, height))
+    assert writer.isOpened()
+    for i in range(frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:] = ((i * 37) % 256, 255 - (i * 11) % 256, 80)
+        cv2.putText(image, str(i), (4, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+class FakeCapture:
+    """A cv2.VideoCapture stand-in: ``frames`` good reads, then read() fails for good."""
+
+    def __init__(self, frames: int) -> None:
+        self.left = frames
+
+    def read(self) -> tuple[bool, Any]:
+        if self.left <= 0:
+            return False, None
+        self.left -= 1
+        return True, np.full((48, 64, 3), self.left * 20 % 256, np.uint8)
+
+    def get(self, prop: int) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        pass
+
+
+Run = Callable[..., int]
+
+
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch) -> Run:
+    """``run(*argv)``: ``caired ARGV`` in-process with only the record command; returns the exit code."""
+    monkeypatch.setattr(cli, "COMMANDS", ("caired.record",))
+    for name in [*ENV_NAMES, *(n for n in os.environ if n.startswith("CAIRED_"))]:
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*argv: str) -> int:
+        return cli.main(["record", *argv, "--log-format", "json"])
+
+    return run
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> Path:
+    return write_video(tmp_path / "camera.avi")
+
+
+def log_lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def events(out: str, name: str) -> list[dict[str, Any]]:
+    return [line for line in log_lines(out) if line["event"] == name]
+
+
+def pngs(folder: Path) -> list[str]:
+    names = sorted(os.listdir(folder), key=lambda name: float(name.removesuffix(".png")))
+    assert all(PNG.match(name) for name in names), names  # nothing else: no temporary files
+    return names
+
+
+def stamps(names: list[str]) -> list[float]:
+    return [float(name.removesuffix(".png")) for name in names]
+
+
+def test_record_writes_whole_pngs_named_by_capture_time(
+    run: Run, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "1", "--no-preview") == 0
+    names = pngs(out)
+    assert 18 <= len(names) <= 21
+    times = stamps(names)
+    assert all(a < b for a, b in pairwise(times))
+    assert statistics.median(b - a for a, b in pairwise(times)) == pytest.approx(1 / 20, rel=0.2)
+    image = cv2.imread(str(out / names[0]))
+    assert image is not None and image.shape == (48, 64, 3)
+    [summary] = events(capsys.readouterr().out, "record_finished")
+    assert summary["frames"] == summary["captured"] == len(names)
+    assert summary["dropped"] == 0 and summary["partial"] is False and summary["interrupted"] is False
+    assert summary["dir"] == str(out)
+    assert summary["seconds"] == pytest.approx(1.0, abs=0.15)
+
+
+def test_record_honours_the_original_environment_variables(
+    run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    opened: list[tuple[Any, ...]] = []
+    real_open = camera.open_device
+
+    def spy(*args: Any) -> Any:
+        opened.append(args)
+        return real_open(*args)
+
+    monkeypatch.setattr(camera, "open_device", spy)
+    images = tmp_path / "from-env"
+    monkeypatch.setenv("CAMERA_INDEX", str(video))
+    monkeypatch.setenv("FPS", "10")
+    monkeypatch.setenv("DURATION_SEC", "0.6")
+    monkeypatch.setenv("IMAGES_DIR", str(images))
+    monkeypatch.setenv("RES_WIDTH", "320")
+    monkeypatch.setenv("RES_HEIGHT", "240")
+    monkeypatch.setenv("SHOW_PREVIEW", "false")
+    assert run() == 0
+    assert opened[0] == (str(video), 320, 240, 10.0)
+    assert 5 <= len(pngs(images)) <= 7
+    out = capsys.readouterr().out
+    assert not events(out, "preview_skipped")  # SHOW_PREVIEW=false: no preview, nothing to skip
+    assert events(out, "record_finished")[0]["dir"] == str(images)
+
+
+def test_flags_win_over_environment_variables(
+    run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FPS", "60")
+    monkeypatch.setenv("DURATION_SEC", "30")
+    out = tmp_path / "out"
+    assert run(str(out), "--camera", str(video), "--fps", "10", "--duration", "0.5", "--no-preview") == 0
+    assert 4 <= len(pngs(out)) <= 6
+
+
+@pytest.mark.parametrize(
+    ("display", "reason"),
+    [(None, "no display"), (":99", "no GUI support")],
+    ids=["no-display", "headless-opencv"],
+)
+def test_preview_is_skipped_with_one_line_where_it_cannot_show(
+    run: Run,
+    video: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    display: str | None,
+    reason: str,
+) -> None:
+    if display is not None:
+        if not re.search(r"GUI:\s*NONE", cv2.getBuildInformation()):
+            pytest.skip("this OpenCV has a GUI; a bogus DISPLAY would not be detected the same way")
+        monkeypatch.setenv("DISPLAY", display)
+    out = tmp_path / "out"
+    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "0.3", "--preview") == 0
+    [skipped] = events(capsys.readouterr().out, "preview_skipped")
+    assert reason in skipped["reason"]
+    assert len(pngs(out)) >= 4
+
+
+def test_to_spool_publishes_exactly_one_folder(
+    run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = tmp_path / "spool"
+    monkeypatch.setenv("CAIRED_SPOOL_DIR", str(spool))
+    assert run("--to-spool", "--camera", str(video), "--fps", "20", "--duration", "0.5", "--no-preview") == 0
+    [session] = list((spool / "incoming").iterdir())
+    assert re.fullmatch(r"rec-\d{8}T\d{6}Z", session.name)
+    assert 9 <= len(pngs(session)) <= 11
+    assert list((spool / "tmp").iterdir()) == []
+    assert events(capsys.readouterr().out, "record_finished")[0]["dir"] == str(session)
+
+
+def test_dir_inside_incoming_is_staged_then_moved_in_one_piece(
+    run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written_in: set[Path] = set()
+    real_write = record._write_png
+    published_as = [""]
+
+    def spy(folder: Path, frame: CapturedFrame) -> None:
+        assert not (spool / "incoming" / published_as[0]).exists()  # nothing shows in incoming/ while recording
+        written_in.add(folder)
+        real_write(folder, frame)
+
+    monkeypatch.setattr(record, "_write_png", spy)
+    spool = tmp_path / "spool"
+    target = spool / "incoming" / "walk"
+    for name in ("walk", "walk-2"):  # the second finds its name taken
+        published_as[0] = name
+        assert run(str(target), "--camera", str(video), "--fps", "20", "--duration", "0.3", "--no-preview") == 0
+    assert written_in == {spool / "tmp" / "walk"}
+    assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["walk", "walk-2"]
+    assert len(pngs(spool / "incoming" / "walk")) >= 4 and len(pngs(spool / "incoming" / "walk-2")) >= 4
+    assert list((spool / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(("device", "message"), [("9", "camera 9 could not be opened"),
+                                                   ("missing.avi", "video file {dir}/missing.avi does not exist")])
+def test_camera_that_cannot_be_opened_exits_74_with_one_line(
+    run: Run, tmp_path: Path, capfd: pytest.CaptureFixture[str], device: str, message: str
+) -> None:
+    out = tmp_path / "out"
+    assert run(str(out), "--camera", str(tmp_path / device) if device.endswith(".avi") else device) == 74
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1, err  # OpenCV's own warnings are silenced too
+    assert err.startswith("caired record: " + message.format(dir=tmp_path))
+    assert "Traceback" not in err
+    assert not out.exists()  # the folder made for it is removed again, empty
+
+
+@pytest.mark.parametrize("into_spool", [False, True], ids=["folder", "spool"])
+def test_camera_that_stops_keeps_the_partial_recording(
+    run: Run,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    into_spool: bool,
+) -> None:
+    monkeypatch.setattr(camera, "open_device", lambda *args: FakeCapture(frames=8))
+    monkeypatch.setattr(camera, "STALL_SECONDS", 0.2)
+    spool = tmp_path / "spool"
+    out = spool / "incoming" / "cut" if into_spool else tmp_path / "cut"
+    assert run(str(out), "--camera", "0", "--fps", "20", "--duration", "5", "--no-preview") == 74
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("caired record: camera 0 stopped delivering frames")
+    assert len(pngs(out)) == 8
+    [summary] = events(captured.out, "record_finished")
+    assert summary["partial"] is True and summary["frames"] == 8 and summary["dir"] == str(out)
+    if into_spool:
+        assert list((spool / "tmp").iterdir()) == []
+
+
+@pytest.fixture
+def interrupt_after_first_frame(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    threads: list[threading.Thread] = []
+
+    def arm(folder: Path) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if any(folder.rglob("1*.png")):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        threads.append(thread)
+        thread.start()
+
+    yield arm
+    for thread in threads:
+        thread.join(timeout=6)
+
+
+@pytest.mark.parametrize("into_spool", [False, True], ids=["folder", "spool"])
+def test_ctrl_c_stops_and_keeps_what_was_recorded(
+    run: Run,
+    video: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    interrupt_after_first_frame: Callable[[Path], None],
+    into_spool: bool,
+) -> None:
+    spool = tmp_path / "spool"
+    out = spool / "incoming" / "stopped" if into_spool else tmp_path / "stopped"
+    interrupt_after_first_frame(spool / "tmp" if into_spool else out)
+    started = time.monotonic()
+    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "30", "--no-preview") == 130
+    assert time.monotonic() - started < 5
+    names = pngs(out)
+    assert names
+    log = capsys.readouterr().out
+    assert len(events(log, "record_interrupted")) == 1
+    [summary] = events(log, "record_finished")
+    assert summary["interrupted"] is True and summary["frames"] == len(names)
+    if into_spool:
+        assert list((spool / "tmp").iterdir()) == []
+
+
+def test_writer_falling_behind_drops_frames_and_says_so(
+    run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    release = threading.Event()
+    real_write = record._write_png
+
+    def stuck_until_released(folder: Path, frame: CapturedFrame) -> None:
+        release.wait(5)
+        real_write(folder, frame)
+
+    monkeypatch.setattr(record, "_write_png", stuck_until_released)
+    timer = threading.Timer(1.2, release.set)  # the writers are stuck for the whole capture
+    timer.start()
+    out = tmp_path / "out"
+    try:
+        assert run(str(out), "--camera", str(video), "--fps", "30", "--duration", "1", "--no-preview") == 0
+    finally:
+        timer.cancel()
+        release.set()
+    log = capsys.readouterr().out
+    [summary] = events(log, "record_finished")
+    # two frames in the writers' hands and a full queue are kept; the rest are dropped, not queued
+    assert summary["frames"] == len(pngs(out)) == record.QUEUE_SIZE + record.WRITERS
+    assert summary["dropped"] == summary["captured"] - summary["frames"] >= 8
+    assert events(log, "record_frames_dropped")[0]["count"] == summary["dropped"]
+
+
+def test_a_frame_file_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = CapturedFrame(timestamp="1747154380.5511632", image=np.full((48, 64, 3), 7, np.uint8))
+    final = tmp_path / "1747154380.5511632.png"
+    real_replace = os.replace
+
+    def check_then_replace(src: str | Path, dst: str | Path) -> None:
+        assert Path(dst) == final and not final.exists()  # the real name appears only by the rename
+        assert Path(src).name.startswith(".tmp-")
+        staged = cv2.imread(str(src))
+        assert staged is not None and (staged == 7).all()  # complete before it is renamed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", check_then_replace)
+    record._write_png(tmp_path, frame)
+    assert os.listdir(tmp_path) == [final.name]
+
+    def failing_replace(src: str | Path, dst: str | Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    final.unlink()
+    with pytest.raises(OSError, match="No space left"):
+        record._write_png(tmp_path, frame)
+    assert os.listdir(tmp_path) == []  # no temporary file left behind
+
+
+def test_folder_that_cannot_be_made_exits_73_with_one_line(
+    run: Run, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    assert run(str(tmp_path / "a-file" / "out"), "--camera", str(video), "--no-preview") == 73
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"caired record: cannot create {tmp_path / 'a-file' / 'out'}: Not a directory; "
+                                "choose another DIR or spool.dir"]
+
+
+def test_write_failure_stops_the_recording_with_exit_73(
+    run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_write = record._write_png
+    calls = 0
+
+    def disk_fills_up(folder: Path, frame: CapturedFrame) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise OSError(28, "No space left on device", str(folder / f"{frame.timestamp}.png"))
+        real_write(folder, frame)
+
+    monkeypatch.setattr(record, "_write_png", disk_fills_up)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "30", "--no-preview") == 73
+    assert time.monotonic() - started < 3  # the capture stopped at the first failed write
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    assert len(pngs(out)) == 3
