@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(parser, args)
         from caired import logging as clog
+        from caired import wire
+
+        wire.install()
 
         if getattr(args, "opens_log_file", True):
             clog.configure(cfg)

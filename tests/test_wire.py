@@ -1,0 +1,109 @@
+"""caired.wire: the numpy masker is wsproto's masker byte for byte; install() is idempotent; raw never decodes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto import frame_protocol as fp
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+from caired import wire
+from caired.commands.stream import stream_folder
+from caired.frames import list_frames
+from tests.conftest import BackendFactory, make_config
+
+ORIGINAL = wire._ORIGINAL_MASKER
+LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 100, 511, 512, 513, 514, 515, 516, 1023, 4096, 4097, 65535, 65537, 730_001]
+
+
+@pytest.fixture(autouse=True)
+def _restore_wsproto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp, "XorMaskerSimple", ORIGINAL)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_numpy_masker_gives_wsprotos_bytes(length: int) -> None:
+    rng = random.Random(length)
+    for _ in range(3):
+        key = bytes(rng.getrandbits(8) for _ in range(4))
+        data = rng.randbytes(length)
+        assert wire.NumpyMasker(key).process(data) == ORIGINAL(bytearray(key)).process(bytearray(data))
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_the_key_rotates_across_calls_as_wsprotos_does(kind: Callable[[bytes], object]) -> None:
+    """A received frame arrives in chunks of any size; each call continues where the last ended."""
+    rng = random.Random(7)
+    key = rng.randbytes(4)
+    ours, theirs = wire.NumpyMasker(key), ORIGINAL(bytearray(key))
+    for length in [3, 513, 1, 2050, 6, 70_001, 0, 5, 600, 4097, 2, 1, 99_999]:
+        chunk = rng.randbytes(length)
+        assert ours.process(kind(chunk)) == theirs.process(bytearray(chunk)), length  # type: ignore[arg-type]
+
+
+def test_masking_leaves_the_input_untouched() -> None:
+    data = bytearray(os.urandom(5000))
+    before = bytes(data)
+    wire.NumpyMasker(b"\x01\x02\x03\x04").process(data)
+    assert data == before
+
+
+def test_install_is_idempotent_and_frames_still_round_trip() -> None:
+    assert not wire.installed()
+    wire.install()
+    wire.install()
+    assert wire.installed()
+    assert fp.XorMaskerSimple is wire.NumpyMasker
+
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="localhost", target="/ws/")))
+    next(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    next(client.events())
+    text = "".join(random.Random(1).choices("abcdefghijklmnopqrstuvwxyz0123456789+/=", k=300_003))
+    wire_bytes = client.send(TextMessage(data=text))
+    received = []
+    for start in range(0, len(wire_bytes), 4093):  # the server unmasks chunk by chunk
+        server.receive_data(wire_bytes[start:start + 4093])
+        received.extend(event.data for event in server.events() if isinstance(event, TextMessage))
+    assert "".join(received) == text
+
+
+async def test_raw_stream_never_decodes_an_image(
+    backend: BackendFactory, frames: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = frames(6)
+    state = await backend(estimate=False)  # the emulator's estimate decodes frames itself
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("raw mode decoded or encoded an image")
+
+    monkeypatch.setattr(cv2, "imdecode", refuse)
+    monkeypatch.setattr(cv2, "imencode", refuse)
+    await stream_folder(make_config(state.port, FRAME_FORMAT="raw", FPS="0"), directory)
+    session = state.sessions[0]
+    assert session.finished
+    on_disk = [hashlib.sha256(ref.path.read_bytes()).hexdigest() for ref in list_frames(directory).frames]
+    assert [f.digest for f in session.frames] == on_disk
+
+
+def test_the_stream_command_does_not_import_cv2() -> None:
+    """cv2 is ~15 MB of RSS; raw mode never needs it, so the stream path must not load it."""
+    code = (
+        "import sys\n"
+        "from caired import cli\n"
+        "parser = cli.build_parser(['stream', 'x'])\n"
+        "import caired.wire; caired.wire.install()\n"
+        "print(sorted(m for m in ('cv2', 'caired.synth', 'caired.record') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
