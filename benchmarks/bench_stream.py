@@ -1,0 +1,329 @@
+"""Stream benchmark: caired against the original notebook client, on the same frames.
+
+    python benchmarks/bench_stream.py [--frames 1000] [--repeat 3] [--out results.json]
+
+It generates webcam-like 640x480 PNG frames once (cached), starts the local backend
+(``caired backend --no-estimate --no-validate``) in its own process, then runs each
+client as its own process, one after another, ``--repeat`` times, and prints the
+medians:
+
+- caired unpaced jpeg and raw, caired paced at 30 fps (send times recorded for the
+  jitter), and the notebook client unpaced jpeg and raw;
+- the machine's limit: PNG decode + JPEG q90 encode of the same frames on every core
+  in this process, no network.
+
+frames/s is taken over the streaming part (connection open to the close after
+``finished``); wall is the whole process, start to exit. CPU and peak RSS come from
+the child's own rusage (``os.wait4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WIDTH, HEIGHT = 640, 480
+FIRST_STAMP = 1747154380.0
+QUALITY = 90
+PACED_FPS = 30
+
+
+# ---------------------------------------------------------------- frames
+
+
+def _base_image(shift: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    image = np.empty((HEIGHT, WIDTH, 3), np.float32)
+    image[..., 0] = 60 + 40 * xx / WIDTH
+    image[..., 1] = 70 + 50 * yy / HEIGHT
+    image[..., 2] = 90 + 30 * (xx + yy) / (WIDTH + HEIGHT)
+    face = ((xx - 320 - shift) / 110) ** 2 + ((yy - 230) / 150) ** 2 < 1
+    image[face] = (110, 140, 190)
+    return cv2.GaussianBlur(image, (0, 0), 3)
+
+
+def _write_frame(directory: Path, index: int, bases: list[np.ndarray]) -> int:
+    rng_sigma = 2.5 + 4.5 * (0.5 + 0.5 * math.sin(index / 40))  # sensor noise: 300-700 KB PNGs
+    image = bases[index % len(bases)] * (1 + 0.01 * math.sin(2 * math.pi * 1.2 * index / PACED_FPS))
+    noise = np.empty_like(image)
+    cv2.randn(noise, (0, 0, 0), (rng_sigma, rng_sigma, rng_sigma))
+    frame = np.clip(image + noise, 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", frame)
+    assert ok
+    stamp = f"{FIRST_STAMP + index / PACED_FPS:.6f}"
+    (directory / f"{stamp}.png").write_bytes(buf.tobytes())
+    return len(buf)
+
+
+def ensure_frames(cache: Path, count: int) -> Path:
+    directory = cache / f"frames-{WIDTH}x{HEIGHT}-{count}"
+    marker = directory / ".complete"
+    if marker.exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"generating {count} frames into {directory} ...", file=sys.stderr)
+    bases = [_base_image(8 * math.sin(k / 5)) for k in range(30)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        sizes = list(pool.map(lambda i: _write_frame(directory, i, bases), range(count)))
+    marker.write_text(json.dumps({"count": count, "mean_bytes": sum(sizes) / len(sizes)}))
+    print(f"  PNG sizes {min(sizes) // 1024}-{max(sizes) // 1024} KB", file=sys.stderr)
+    return directory
+
+
+def frame_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.png"), key=lambda p: float(p.stem))
+
+
+# ---------------------------------------------------------------- the limit
+
+
+def _decode_encode(path: Path) -> int:
+    image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    _, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), QUALITY])
+    return len(buf)
+
+
+def measure_limit(paths: list[Path]) -> dict[str, Any]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for _ in pool.map(_decode_encode, paths):
+            pass
+    seconds = time.perf_counter() - start
+    return {"fps": len(paths) / seconds, "seconds": seconds}
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_backend(port: int) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "caired", "backend", "--host", "127.0.0.1", "--port", str(port),
+           "--no-estimate", "--no-validate", "--log-format", "json", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=clean_env())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit("the backend did not start") from None
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the backend did not start listening")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRED_")}
+    for name in ("BACKEND_WS_BASE", "API_KEY", "IMAGES_DIR", "FPS", "FRAME_FORMAT", "JPEG_QUALITY"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run to completion; wall time, CPU and peak RSS of that child alone, and its stdout."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-2000:]}")
+    return {
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss_mb": usage.ru_maxrss / 1024,
+        "stdout": out.decode("utf-8", "replace"),
+    }
+
+
+def _iso(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def caired_stream_seconds(stdout: str) -> tuple[float, float]:
+    """(session_started, session_finished) UNIX times from caired's JSON log lines."""
+    started = finished = math.nan
+    for line in stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        if event.get("event") == "session_started":
+            started = _iso(event["timestamp"])
+        elif event.get("event") == "session_finished":
+            finished = _iso(event["timestamp"])
+    return started, finished
+
+
+def notebook_stream_seconds(stdout: str) -> tuple[float, float]:
+    started = finished = math.nan
+    for line in stdout.splitlines():
+        if line.startswith("connected "):
+            started = float(line.split()[1])
+        elif line.startswith("closed "):
+            finished = float(line.split()[1])
+    return started, finished
+
+
+def run_caired(port: int, directory: Path, frames: int, *, fmt: str, fps: int, trace: Path | None) -> dict[str, Any]:
+    args = [str(directory), "--fps", str(fps), "--format", fmt, "--jpeg-quality", str(QUALITY),
+            "--log-format", "json", "--retries", "1"]
+    if trace is not None:
+        cmd = [sys.executable, str(HERE / "traced_stream.py"), str(trace), *args]
+    else:
+        cmd = [sys.executable, "-m", "caired", "stream", *args]
+    result = run_child(cmd, clean_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{port}/ws/"))
+    started, finished = caired_stream_seconds(result.pop("stdout"))
+    result.update(_rates(frames, finished - started, result))
+    if trace is not None:
+        result.update(jitter(json.loads(trace.read_text()), fps, started))
+    return result
+
+
+def run_notebook(port: int, directory: Path, frames: int, *, fmt: str) -> dict[str, Any]:
+    env = clean_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{port}/ws/", IMAGES_DIR=str(directory), FPS="0",
+                    FRAME_FORMAT=fmt, JPEG_QUALITY=str(QUALITY))
+    result = run_child([sys.executable, str(HERE / "notebook_client.py")], env)
+    started, finished = notebook_stream_seconds(result.pop("stdout"))
+    result.update(_rates(frames, finished - started, result))
+    return result
+
+
+def _rates(frames: int, seconds: float, result: dict[str, Any]) -> dict[str, Any]:
+    return {"stream_s": seconds, "fps": frames / seconds, "cpu_ms": 1000 * result["cpu"] / frames}
+
+
+def jitter(trace: dict[str, Any], fps: int, started: float) -> dict[str, Any]:
+    """Each message's deviation from t0 + i / fps (t0 = the first send), in ms."""
+    sends = trace["sends"]
+    t0 = sends[0]
+    deviations = sorted(abs(t - (t0 + i / fps)) * 1000 for i, t in enumerate(sends))
+    return {
+        "p50_ms": percentile(deviations, 50),
+        "p99_ms": percentile(deviations, 99),
+        "max_ms": deviations[-1],
+        "paced_fps": (len(sends) - 1) / (sends[-1] - t0),
+        "first_frame_s": trace["first_send_unix"] - started,
+    }
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# ---------------------------------------------------------------- report
+
+CASES = ("caired jpeg", "caired raw", "caired jpeg 30fps", "notebook jpeg", "notebook raw")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k in runs[0] if isinstance(runs[0][k], int | float)]
+    return {k: statistics.median(run[k] for run in runs) for k in keys}
+
+
+def table(summary: dict[str, dict[str, float]], limit: float) -> str:
+    head = (f"{'case':<20}{'frames/s':>9}{'stream s':>9}{'wall s':>8}{'CPU ms/f':>9}{'RSS MB':>8}"
+            f"{'p50 ms':>8}{'p99 ms':>8}{'vs limit':>9}{'vs notebook':>12}")
+    lines = [head, "-" * len(head)]
+    for case in CASES:
+        if case not in summary:
+            continue
+        row = summary[case]
+        fmt = case.split()[1]
+        base = summary.get(f"notebook {fmt}")
+        vs_nb = "" if case.startswith("notebook") or base is None or "30fps" in case else (
+            f"{row['fps'] / base['fps']:.1f}x")
+        vs_limit = f"{row['fps'] / limit:.2f}" if fmt == "jpeg" and "30fps" not in case else ""
+        p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
+        p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
+        lines.append(f"{case:<20}{row['fps']:>9.1f}{row['stream_s']:>9.2f}{row['wall']:>8.2f}{row['cpu_ms']:>9.2f}"
+                     f"{row['rss_mb']:>8.1f}{p50:>8}{p99:>8}{vs_limit:>9}{vs_nb:>12}")
+    lines.append(f"{'limit (decode+q90)':<20}{limit:>9.1f}")
+    paced = summary.get("caired jpeg 30fps")
+    if paced:
+        lines.append(f"paced: {paced['paced_fps']:.2f} fps held, max deviation {paced['max_ms']:.2f} ms, "
+                     f"first frame {1000 * paced['first_frame_s']:.0f} ms after the connection opened")
+    for fmt in ("jpeg", "raw"):
+        ours, base = summary.get(f"caired {fmt}"), summary.get(f"notebook {fmt}")
+        if ours and base:
+            lines.append(f"{fmt}: caired uses {ours['rss_mb'] / base['rss_mb']:.2f}x the notebook's peak RSS")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "caired-bench")
+    parser.add_argument("--out", type=Path, help="write every run and the medians as JSON")
+    parser.add_argument("--only", choices=CASES, action="append", help="run only these cases (repeatable)")
+    args = parser.parse_args()
+    cases = args.only or list(CASES)
+
+    directory = ensure_frames(args.cache, args.frames)
+    paths = frame_paths(directory)[: args.frames]
+    port = free_port()
+    backend = start_backend(port)
+    runs: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
+    limits: list[float] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "sends.json"
+            for rep in range(args.repeat):
+                limits.append(measure_limit(paths)["fps"])
+                for case in cases:
+                    who, fmt, *paced = case.split()
+                    if who == "caired":
+                        fps = PACED_FPS if paced else 0
+                        result = run_caired(port, directory, len(paths), fmt=fmt, fps=fps,
+                                            trace=trace if paced else None)
+                    else:
+                        result = run_notebook(port, directory, len(paths), fmt=fmt)
+                    runs[case].append(result)
+                    print(f"[{rep + 1}/{args.repeat}] {case:<18} {result['fps']:7.1f} frames/s "
+                          f"{result['cpu_ms']:6.2f} CPU ms/frame {result['rss_mb']:6.1f} MB"
+                          + (f"  p99 {result['p99_ms']:.2f} ms" if "p99_ms" in result else ""), file=sys.stderr)
+    finally:
+        backend.terminate()
+        backend.wait(10)
+
+    limit = statistics.median(limits)
+    summary = {case: medians(results) for case, results in runs.items()}
+    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs")
+    print(table(summary, limit))
+    if args.out:
+        args.out.write_text(json.dumps({"frames": len(paths), "cores": os.cpu_count(), "limit_fps": limits,
+                                        "runs": runs, "medians": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``caired stream`` with the moment each message starts to leave recorded (pacing jitter).
+
+Usage: ``python benchmarks/traced_stream.py OUT.json STREAM-ARGS...``. The stamps go
+into a preallocated array (one ``perf_counter`` per message), written out at exit, so
+the sender's hot path gains one call and no allocation.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import sys
+import time
+from typing import Any
+
+import trio_websocket
+
+from caired.cli import main
+
+CAPACITY = 1 << 20
+
+
+def run(out: str, argv: list[str]) -> int:
+    stamps = array.array("d", bytes(8 * CAPACITY))
+    count = 0
+    first_wall = 0.0
+    original = trio_websocket.WebSocketConnection.send_message
+
+    async def send_message(self: Any, message: str | bytes) -> None:
+        nonlocal count, first_wall
+        stamps[count] = time.perf_counter()
+        if count == 0:
+            first_wall = time.time()
+        count += 1
+        await original(self, message)
+
+    trio_websocket.WebSocketConnection.send_message = send_message
+    code = main(["stream", *argv])
+    with open(out, "w") as f:
+        json.dump({"sends": stamps[:count].tolist(), "first_send_unix": first_wall}, f)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1], sys.argv[2:]))
