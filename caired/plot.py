@@ -110,25 +110,22 @@ def merge_windows(windows: Iterable[tuple[Sequence[float], Sequence[float]]]) ->
 
 
 def read_log(path: Path, session: str | None = None) -> SessionLog:
-    """The named session (matched by name or datapt_id), or the latest one with answers."""
-    lines = _read_lines(path)
+    """The named session (matched by name or datapt_id), or the latest one with answers.
+
+    The log is streamed, not loaded: once to find the latest session when none is named,
+    once for the session's own lines. Answers of every attempt count; the title shows the
+    datapt_id of the last.
+    """
     if session is None:
-        session = _latest_session(lines)
+        session = _latest_session(_records(_lines(path)))
         if session is None:
             raise NoFramesError(f"{path}: no session answers in this log")
     found = SessionLog(name=session)
-    names: dict[str, None] = {}
-    for record in _records(lines):
-        key = _session_key(record)
-        if key is None:
-            continue
-        if key != session and record.get("datapt_id") != session:
-            if record.get("event") == "response":
-                names[key] = None
-            continue
-        _absorb(found, record)
+    for record in _records(_lines(path), containing=session):
+        if _session_key(record) == session or record.get("datapt_id") == session:
+            _absorb(found, record)
     if not found.readings:
-        known = ", ".join(list(names)[-5:]) or "none"
+        known = ", ".join(_answered(_records(_lines(path)))[-5:]) or "none"
         raise NoFramesError(f"{path}: no answers for session {session!r} (sessions with answers: {known})")
     return found
 
@@ -227,9 +224,10 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
 # Reading the log
 
 
-def _read_lines(path: Path) -> list[str]:
+def _lines(path: Path) -> Iterator[str]:
     try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            yield from fh
     except FileNotFoundError:
         raise ConfigError("LOG", str(path), "no such file") from None
     except IsADirectoryError:
@@ -240,11 +238,17 @@ def _read_lines(path: Path) -> list[str]:
         raise ConfigError("LOG", str(path), f"cannot be read: {exc.strerror or exc}") from None
 
 
-def _records(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """The JSON objects of the log; a journal prefix before the ``{`` is allowed."""
+def _records(lines: Iterable[str], containing: str | None = None) -> Iterator[dict[str, Any]]:
+    """The JSON objects of the log; a journal prefix before the ``{`` is allowed.
+
+    With ``containing``, lines that cannot mention that string are skipped unparsed.
+    """
+    needles = () if containing is None else tuple(
+        {json.dumps(containing, ensure_ascii=flag)[1:-1] for flag in (False, True)}
+    )
     for line in lines:
         start = line.find("{")
-        if start < 0:
+        if start < 0 or (needles and not any(n in line for n in needles)):
             continue
         try:
             record = json.loads(line[start:])
@@ -262,19 +266,33 @@ def _session_key(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _latest_session(lines: list[str]) -> str | None:
+def _is_answer(record: dict[str, Any]) -> bool:
+    return record.get("event") == "response" and isinstance(record.get("response"), dict)
+
+
+def _latest_session(records: Iterable[dict[str, Any]]) -> str | None:
     """The session with answers whose last line comes last."""
     last: dict[str, int] = {}
     answered: set[str] = set()
-    for index, record in enumerate(_records(lines)):
+    for index, record in enumerate(records):
         key = _session_key(record)
         if key is None:
             continue
         last[key] = index
-        if record.get("event") == "response" and isinstance(record.get("response"), dict):
+        if _is_answer(record):
             answered.add(key)
     candidates = [key for key in last if key in answered]
     return max(candidates, key=last.__getitem__) if candidates else None
+
+
+def _answered(records: Iterable[dict[str, Any]]) -> list[str]:
+    """The sessions with answers, in order of first answer."""
+    names: dict[str, None] = {}
+    for record in records:
+        key = _session_key(record)
+        if key is not None and _is_answer(record):
+            names[key] = None
+    return list(names)
 
 
 def _absorb(session: SessionLog, record: dict[str, Any]) -> None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import math
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -241,8 +243,19 @@ class _Scene:
         alpha = moved[:, :, 3:4]
         image: Floats = self._background * (1.0 - alpha) + moved[:, :, :3]  # the face layer is premultiplied
         image *= self._gain[index]
-        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(NOISE_SIGMA)
+        image += _gaussian_table()[rng.integers(0, 1 << 16, image.shape, dtype=np.uint16)]
         return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@functools.cache
+def _gaussian_table() -> Floats:
+    """Sensor noise by lookup: 65536 equiprobable quantiles of N(0, NOISE_SIGMA).
+
+    Indexing it with uniform 16-bit draws samples the normal distribution (to 1/65536 in
+    probability) five times faster than ``standard_normal``; rendering is mostly noise.
+    """
+    normal = statistics.NormalDist(0.0, NOISE_SIGMA)
+    return np.array([normal.inv_cdf((i + 0.5) / (1 << 16)) for i in range(1 << 16)], dtype=np.float32)
 
 
 def _child(seq: np.random.SeedSequence, index: int) -> np.random.SeedSequence:

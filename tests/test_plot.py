@@ -155,6 +155,8 @@ def test_plot_writes_beside_the_log_by_default(log: Path) -> None:
 def test_errors_say_what_is_wrong(tmp_path: Path, log: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         read_log(tmp_path / "missing.log")
+    with pytest.raises(ConfigError, match="is a folder"):
+        read_log(tmp_path)
     with pytest.raises(NoFramesError, match=r"rec-404.*rec-000, rec-001"):
         read_log(log, "rec-404")
     empty = tmp_path / "empty.log"
@@ -200,3 +202,13 @@ def test_cli_errors_are_one_line_with_an_exit_code(
     assert main(argv) == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("caired plot: ") and says in err
+
+
+def test_a_session_name_with_quotes_and_accents_is_found(tmp_path: Path) -> None:
+    name = 'Zoë "front door"'
+    path = tmp_path / "odd.log"
+    path.write_text("\n".join(_session_lines(name, seconds=6.0)) + "\n")  # written with \u00eb and \" escapes
+    assert read_log(path, name).name == name
+    assert len(read_log(path, name).readings) == 180 // 15 + 1
+    written, _ = plot.plot(path, session=name)
+    assert written.name == "odd-Zo_front_door.png"

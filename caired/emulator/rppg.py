@@ -163,7 +163,7 @@ def analyse(times: Floats, rgb: Floats, *, with_signal: bool = True) -> Pulse:
     """The pulse in samples ``rgb`` (N x 3, R G B) taken at ascending ``times`` (seconds)."""
     grid = np.arange(math.ceil(times[0] * FS), math.floor(times[-1] * FS) + 1) / FS
     window = math.ceil(POS_SECONDS * FS)
-    if len(grid) < 2 * window:
+    if len(grid) < window:
         return NO_PULSE
     uniform = np.column_stack([np.interp(grid, times, rgb[:, c]) for c in range(3)])
     pulse = band_pass(pos(uniform, window), FS)
