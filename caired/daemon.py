@@ -20,6 +20,7 @@ folders go back to incoming/, each in a shielded ``finally`` with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -216,22 +217,29 @@ async def run_folder_session(daemon: Daemon, claim: Claim, *, source_name: str =
                 )
             except (NoFramesError, SessionError) as err:
                 error = _error_record(claim, err)
-                await trio.to_thread.run_sync(lambda: spool.fail(claim, error))
+                with _last_attempt(claim):
+                    await trio.to_thread.run_sync(lambda: spool.fail(claim, error))
                 filed = True
                 daemon.failed += 1
                 return
             result = delivered.result(source=claim.source, frames_ignored=source.ignored,
                                       frames_unreadable=sorted(source.skipped))
-            await trio.to_thread.run_sync(lambda: spool.finish(claim, result))
+            with _last_attempt(claim):
+                await trio.to_thread.run_sync(lambda: spool.finish(claim, result))
             filed = True
             daemon.finished += 1
         except SpoolError as err:
-            log.error("spool_write_failed", problem=str(err), retry_seconds=SPOOL_RETRY)
+            log.error("spool_write_failed", problem=str(err), retry_seconds=SPOOL_RETRY, attempt=claim.attempts)
             daemon.hold_back(claim.name)  # given back below; streaming it again at once would fail alike
         finally:
             if not filed and claim.held:
-                with trio.move_on_after(CLEANUP_DEADLINE, shield=True):
+                with trio.move_on_after(CLEANUP_DEADLINE, shield=True), _last_attempt(claim):
                     await trio.to_thread.run_sync(_release_quietly, spool, claim)
+
+
+def _last_attempt(claim: Claim) -> contextlib.AbstractContextManager[Any]:
+    """Tag the folder's outcome lines (done, failed, released) with its last attempt, like the session's."""
+    return structlog.contextvars.bound_contextvars(attempt=claim.attempts)
 
 
 def _release_quietly(spool: Spool, claim: Claim) -> None:
