@@ -111,7 +111,8 @@ def check_log(lines: list[dict[str, Any]], state: BackendState) -> None:
     """Each line is complete and tagged; every answer the backend sent is logged whole under its session."""
     for line in lines:
         assert {"timestamp", "level", "event"} <= set(line), line
-        if line["event"] in ("response", "session_started", "session_retry", "session_finished"):
+        if line["event"] in ("response", "session_started", "session_retry", "session_finished", "folder_done",
+                             "folder_failed", "folder_released"):
             assert line["source"] == "drop" and UUID4_RE.match(line["datapt_id"]) and line["session"], line
             assert isinstance(line["attempt"], int) and line["attempt"] >= 1, line
     logged = [(line["datapt_id"], line["response"]) for line in lines if line["event"] == "response"]
@@ -307,7 +308,9 @@ async def test_permanent_failures_go_to_failed_and_the_daemon_goes_on(
     os.utime(junk, (past, past))
     drop(spool, "big", 0, 8, age=600)
     drop(spool, "good", 1, 8, age=300)
-    cfg = daemon_config(state.port, spool, CAIRED_SPOOL_MAX_SESSIONS="1", CAIRED_SPOOL_KEEP_FRAMES="false")
+    log = spool.parent / "caired.log"
+    cfg = daemon_config(state.port, spool, CAIRED_SPOOL_MAX_SESSIONS="1", CAIRED_SPOOL_KEEP_FRAMES="false",
+                        CAIRED_LOG_FILE=str(log))
     async with running(cfg) as daemon:
         await until(lambda: names_in(spool, "done") == ["good"], "the good folder in done/")
         assert daemon.failed == 2 and daemon.finished == 1
@@ -322,6 +325,11 @@ async def test_permanent_failures_go_to_failed_and_the_daemon_goes_on(
     check_done(spool, "good", 1, 8, state)
     done = spool / "done" / "good"
     assert not list(done.glob("*.png")) and (done / "result.json").exists()  # keep_frames = false
+    lines = log_lines(log)
+    check_log(lines, state)
+    failed = [line for line in lines if line["event"] == "session_failed"]
+    assert [(line["session"], line["close_code"]) for line in failed] == [("big", code)]
+    assert sorted(line["session"] for line in lines if line["event"] == "folder_failed") == ["big", "junk"]
 
 
 async def test_a_folder_the_spool_cannot_claim_does_not_stop_the_daemon(
@@ -494,6 +502,7 @@ async def test_a_stop_signal_closes_with_1001_gives_the_folder_back_and_exits_0(
     result = check_done(spool, "slow", 0, 60, state)
     assert result["datapt_id"] == first.datapt_id and result["attempts"] == 2
     assert len(state.sessions) == 2
+    check_log(log_lines(out), state)
 
 
 async def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
