@@ -88,14 +88,12 @@ def render_frames(
     seed: int | None = None,
     start: float | None = None,
 ) -> Iterator[tuple[str, Image]]:
-    """Yield ``(timestamp stem, BGR uint8 image)``; frame i is taken at ``start + i / fps``."""
-    problems = check(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height)
-    if problems:
-        raise ValueError("; ".join(f"{name} {problem}" for name, problem in problems))
-    scene = _Scene(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed)
-    stems = _stems(time.time() if start is None else start, fps, scene.count)
-    for i, name in enumerate(stems):
-        yield name, scene.frame(i)
+    """``(timestamp stem, BGR uint8 image)`` pairs; frame i is taken at ``start + i / fps``.
+
+    Bad parameters raise ValueError here, before the first frame is asked for.
+    """
+    scene, stems = _prepare(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed, start=start)
+    return ((name, scene.frame(i)) for i, name in enumerate(stems))
 
 
 def synthesize(
@@ -114,12 +112,8 @@ def synthesize(
     Each file appears whole: it is written under a hidden temporary name and renamed.
     Rendering and PNG encoding run on a small thread pool (numpy and cv2 release the GIL).
     """
-    problems = check(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height)
-    if problems:
-        raise ValueError("; ".join(f"{name} {problem}" for name, problem in problems))
+    scene, stems = _prepare(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed, start=start)
     directory.mkdir(parents=True, exist_ok=True)
-    scene = _Scene(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed)
-    stems = _stems(time.time() if start is None else start, fps, scene.count)
     paths = [directory / f"{name}.png" for name in stems]
     workers = max(1, min(4, os.cpu_count() or 1))
     pending: collections.deque[Future[None]] = collections.deque()
@@ -138,11 +132,18 @@ def synthesize(
     return paths
 
 
-def _stems(start: float, fps: float, count: int) -> list[str]:
-    stems = [stem(start + i / fps) for i in range(count)]
+def _prepare(
+    *, bpm: float, seconds: float, fps: float, width: int, height: int, seed: int | None, start: float | None
+) -> tuple[_Scene, list[str]]:
+    problems = check(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height)
+    if problems:
+        raise ValueError("; ".join(f"{name} {problem}" for name, problem in problems))
+    scene = _Scene(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed)
+    start = time.time() if start is None else start
+    stems = [stem(start + i / fps) for i in range(scene.count)]
     if any(float(a) >= float(b) for a, b in itertools.pairwise(stems)):
         raise ValueError(f"fps {fps:g} is too high for 7-decimal timestamps at {start:.7f}")
-    return stems
+    return scene, stems
 
 
 def _write_frame(scene: _Scene, index: int, path: Path) -> None:
@@ -215,7 +216,7 @@ class _Scene:
         self._background = _wall(width, height, rng)
         self._face, self._alpha, self._skin = _face(width, height, rng)
         pulse = pulse_wave(times, bpm, np.random.default_rng(pulse_seq))
-        breath = 0.25 * np.sin(2 * np.pi * 0.23 * times + rng.uniform(0, 2 * np.pi))  # venous, out of band
+        breath = 0.25 * np.sin(2 * np.pi * 0.23 * times + rng.uniform(0, 2 * np.pi))  # breathing, below the pulse band
         self._pulse = (-PULSE_DEPTH * (pulse + breath)).astype(np.float32)  # more blood, darker skin
         # Auto-exposure drifting by half a percent, slowly.
         self._gain = (1.0 + 0.005 * np.sin(2 * np.pi * 0.05 * times + rng.uniform(0, 2 * np.pi))).astype(np.float32)

@@ -158,7 +158,7 @@ def test_bad_values_are_config_errors_naming_the_flag(
     assert f"--{name}" in str(caught.value)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=name):
-        next(render_frames(**{**values, **changes}))  # type: ignore[arg-type]
+        render_frames(**{**values, **changes})  # type: ignore[arg-type]
 
 
 def test_cli_writes_frames_and_logs_one_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -68,11 +68,11 @@ class Pulse:
     """One analysis: the heart rate (-1.0 when there is none) and the pulse at the frame timestamps."""
 
     hr: float
-    values: list[float]
-    timestamps: list[float]
+    values: tuple[float, ...]
+    timestamps: tuple[float, ...]
 
 
-NO_PULSE: Final = Pulse(-1.0, [], [])
+NO_PULSE: Final = Pulse(-1.0, (), ())
 
 
 class PulseEstimator:
@@ -126,7 +126,7 @@ class PulseEstimator:
         Windows of consecutive calls overlap and agree on timestamps.
         """
         pulse = self._current()
-        return pulse.values, pulse.timestamps
+        return list(pulse.values), list(pulse.timestamps)
 
     def final_hr(self) -> float:
         """The heart rate over the whole session; -1.0 if it is shorter than ``min_seconds``."""
@@ -172,10 +172,10 @@ def analyse(times: Floats, rgb: Floats, *, with_signal: bool = True) -> Pulse:
         return NO_PULSE  # a flat signal carries no pulse
     hr = peak_bpm(pulse, FS)
     if not with_signal:
-        return Pulse(hr, [], [])
+        return Pulse(hr, (), ())
     # POS follows skin brightness, which falls as blood volume rises: flip it to read as a PPG.
     values = np.round(np.interp(times, grid, -pulse / spread), 4)
-    return Pulse(hr, values.tolist(), times.tolist())
+    return Pulse(hr, tuple(values.tolist()), tuple(times.tolist()))
 
 
 def pos(rgb: Floats, window: int) -> Floats:
@@ -188,7 +188,8 @@ def pos(rgb: Floats, window: int) -> Floats:
     s0 = g - b
     s1 = -2.0 * r + g + b
     spread0, spread1 = s0.std(axis=1, keepdims=True), s1.std(axis=1, keepdims=True)
-    h = s0 + np.where(spread1 > 1e-12, spread0 / np.where(spread1 > 1e-12, spread1, 1.0), 0.0) * s1
+    alpha = np.divide(spread0, spread1, out=np.zeros_like(spread0), where=spread1 > 1e-12)
+    h = s0 + alpha * s1
     h -= h.mean(axis=1, keepdims=True)
     out = np.zeros(n)
     counts = np.zeros(n)
