@@ -121,8 +121,13 @@ def _prepare(target: Plan) -> tuple[Path, bool]:
     raise AssertionError("unreachable")
 
 
-def _write_png(folder: Path, frame: CapturedFrame) -> None:
-    """Encode and write one frame so that it appears whole: a hidden temporary name, then a rename."""
+def write_frame(folder: Path, frame: CapturedFrame) -> None:
+    """Write ``frame`` into ``folder`` as ``<timestamp>.png``; blocking, so run it in a worker thread.
+
+    The file appears whole: it is written under a hidden temporary name (``.tmp-<timestamp>.png``,
+    which frame listers ignore) and renamed; on any failure the temporary file is removed.
+    Raises OSError (OutputError when the frame cannot be encoded).
+    """
     ok, data = cv2.imencode(".png", frame.image)
     if not ok:
         raise OutputError(f"frame {frame.timestamp} could not be encoded as PNG")
@@ -182,7 +187,7 @@ async def _writer(
                 preview.offer(frame.image)
             try:
                 # Not abandoned on cancel: a started write always ends renamed or removed.
-                await trio.to_thread.run_sync(_write_png, recording.folder, frame)
+                await trio.to_thread.run_sync(write_frame, recording.folder, frame)
             except OSError as exc:
                 if recording.error is None:
                     recording.error = (

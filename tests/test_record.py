@@ -196,7 +196,7 @@ def test_dir_inside_incoming_is_staged_then_moved_in_one_piece(
     run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written_in: set[Path] = set()
-    real_write = record._write_png
+    real_write = record.write_frame
     published_as = [""]
 
     def spy(folder: Path, frame: CapturedFrame) -> None:
@@ -204,7 +204,7 @@ def test_dir_inside_incoming_is_staged_then_moved_in_one_piece(
         written_in.add(folder)
         real_write(folder, frame)
 
-    monkeypatch.setattr(record, "_write_png", spy)
+    monkeypatch.setattr(record, "write_frame", spy)
     spool = tmp_path / "spool"
     target = spool / "incoming" / "walk"
     for name in ("walk", "walk-2"):  # the second finds its name taken
@@ -304,13 +304,13 @@ def test_writer_falling_behind_drops_frames_and_says_so(
     run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     release = threading.Event()
-    real_write = record._write_png
+    real_write = record.write_frame
 
     def stuck_until_released(folder: Path, frame: CapturedFrame) -> None:
         release.wait(5)
         real_write(folder, frame)
 
-    monkeypatch.setattr(record, "_write_png", stuck_until_released)
+    monkeypatch.setattr(record, "write_frame", stuck_until_released)
     timer = threading.Timer(1.2, release.set)  # the writers are stuck for the whole capture
     timer.start()
     out = tmp_path / "out"
@@ -340,7 +340,7 @@ def test_a_frame_file_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: p
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", check_then_replace)
-    record._write_png(tmp_path, frame)
+    record.write_frame(tmp_path, frame)
     assert os.listdir(tmp_path) == [final.name]
 
     def failing_replace(src: str | Path, dst: str | Path) -> None:
@@ -349,7 +349,7 @@ def test_a_frame_file_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(os, "replace", failing_replace)
     final.unlink()
     with pytest.raises(OSError, match="No space left"):
-        record._write_png(tmp_path, frame)
+        record.write_frame(tmp_path, frame)
     assert os.listdir(tmp_path) == []  # no temporary file left behind
 
 
@@ -366,7 +366,7 @@ def test_folder_that_cannot_be_made_exits_73_with_one_line(
 def test_write_failure_stops_the_recording_with_exit_73(
     run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    real_write = record._write_png
+    real_write = record.write_frame
     calls = 0
 
     def disk_fills_up(folder: Path, frame: CapturedFrame) -> None:
@@ -376,7 +376,7 @@ def test_write_failure_stops_the_recording_with_exit_73(
             raise OSError(28, "No space left on device", str(folder / f"{frame.timestamp}.png"))
         real_write(folder, frame)
 
-    monkeypatch.setattr(record, "_write_png", disk_fills_up)
+    monkeypatch.setattr(record, "write_frame", disk_fills_up)
     out = tmp_path / "out"
     started = time.monotonic()
     assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "30", "--no-preview") == 73
