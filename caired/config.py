@@ -421,6 +421,8 @@ def _load(*, path: str | Path | None, env: Mapping[str, str], flags: Mapping[str
             if attr.validator is not None:
                 attr.validator(None, attr, value)
         except ValueError as exc:
+            if source.startswith("env ") and any(e.source == source for e in errors):
+                continue  # one variable feeding two keys (FPS) is one mistake: say it once
             shown = "'***'" if name == "api_key" else redact_url(repr(value))
             errors.append(ConfigError(key, source, f"{exc} (got {shown})"))
             continue

@@ -107,3 +107,14 @@ def test_the_key_never_shows_itself() -> None:
     with pytest.raises(ConfigErrors) as caught:
         Config.load(env={"API_KEY": "hunter2-secret", "BACKEND_WS_BASE": "ws://h/ws/?api_key=hunter2-secret"})
     assert "hunter2-secret" not in str(caught.value)
+
+
+def test_one_bad_variable_is_one_line_but_every_bad_file_value_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigErrors) as caught:
+        Config.load(env={"FPS": "fast"})  # feeds stream.fps and camera.fps
+    assert len(caught.value.errors) == 1
+    path = tmp_path / "c.toml"
+    path.write_text('[stream]\nfps = "fast"\njpeg_quality = "high"\n')
+    with pytest.raises(ConfigErrors) as caught:
+        Config.load(path=path, env={})
+    assert [e.key for e in caught.value.errors] == ["stream.fps", "stream.jpeg_quality"]

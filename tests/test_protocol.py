@@ -7,6 +7,7 @@ import json
 import pytest
 
 from caired.protocol import (
+    UUID4_RE,
     CloseKind,
     auth_headers,
     build_url,
@@ -17,7 +18,6 @@ from caired.protocol import (
     parse_answer,
     redact_url,
 )
-from caired.protocol import UUID4_RE
 
 
 def test_message_is_exactly_the_five_keys_as_json_would_write_them() -> None:
