@@ -59,6 +59,7 @@ class Faults:
     withhold_finished: int = 0  # the first N sessions never get `finished`
     garbage_every: int = 0  # interleave a non-JSON text and a binary message every N frames
     stall: bool = False  # accept, then never read again (a half-open peer)
+    slow: float = 0.0  # seconds spent on every frame (a backend that cannot keep up)
 
 
 @attrs.frozen(kw_only=True)
@@ -233,6 +234,8 @@ async def _serve_session(
             return
         _check_order(frame, seen)
         seen.frames.append(frame)
+        if faults.slow:
+            await trio.sleep(faults.slow)
         count = len(seen.frames)
         if estimator is not None:
             frame_rgb, pulse = estimator
