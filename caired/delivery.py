@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -173,17 +173,15 @@ async def deliver(
                 final = err.permanent or (reject_is_final and isinstance(err, KeyRejected))
                 out_of_attempts = attempts > 0 and attempt - first_attempt + 1 >= attempts
                 if final or out_of_attempts:
-                    gate.failed(err)
                     log.error("session_failed", reason=err.reason, close_code=err.close_code, attempts=attempt)
                     if out_of_attempts and not final and not connected_ever:
                         raise BackendUnavailable(
                             f"{err.reason} (gave up after {attempt} attempts)", connected=False
                         ) from None
                     raise
-                delay = gate.failed(err)
                 log.warning("session_retry", reason=err.reason, close_code=err.close_code,
                             delay=round(max(0.0, gate.next_attempt - trio.current_time()), 3),
-                            backoff=round(delay, 3))
+                            backoff=round(gate.last_delay, 3))
                 continue
             gate.succeeded()
             log.info("session_finished", hr=finished.hr, frames_sent=finished.sent, frames_skipped=finished.skipped,
@@ -202,26 +200,29 @@ async def _attempt(
     tally: Tally | None,
     on_answer: Callable[[Answer], None] | None,
 ) -> Finished:
-    async with AsyncExitStack() as stack:
-        feed = await stack.enter_async_context(source.open())
+    async with source.open() as feed:
         if await feed.first() is None:
             raise NoFramesError("no usable frame: every frame failed to read or decode")
-        async with gate.turn():
-            ws = await stack.enter_async_context(connect(cfg.backend))
-        gate.connected()
-        if tally is not None:
-            tally.total, tally.sent, tally.skipped = source.total, 0, 0
-        log.info("session_started", url=target, frames=source.total, format=cfg.stream.format,
-                 fps=cfg.stream.fps, advanced=cfg.stream.advanced)
-        return await stream(
-            ws,
-            feed,
-            datapt_id=datapt_id,
-            fps=cfg.stream.fps,
-            advanced=cfg.stream.advanced,
-            prefill=cfg.stream.prefill,
-            finish_timeout=cfg.backend.finish_timeout,
-            heartbeat=cfg.backend.heartbeat,
-            tally=tally,
-            on_answer=on_answer,
-        )
+        async with gate.attempt() as turn, connect(cfg.backend) as ws:
+            if tally is not None:
+                tally.total, tally.sent, tally.skipped = source.total, 0, 0
+            log.info("session_started", url=target, frames=source.total, format=cfg.stream.format,
+                     fps=cfg.stream.fps, advanced=cfg.stream.advanced)
+
+            def answered(answer: Answer) -> None:
+                turn.admitted()
+                if on_answer is not None:
+                    on_answer(answer)
+
+            return await stream(
+                ws,
+                feed,
+                datapt_id=datapt_id,
+                fps=cfg.stream.fps,
+                advanced=cfg.stream.advanced,
+                prefill=cfg.stream.prefill,
+                finish_timeout=cfg.backend.finish_timeout,
+                heartbeat=cfg.backend.heartbeat,
+                tally=tally,
+                on_answer=answered,
+            )

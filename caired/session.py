@@ -29,6 +29,9 @@ from caired.uplink import classify_closed
 log = structlog.get_logger()
 
 CLOSE_TIMEOUT: Final = 2.0
+# Closing an attempt that did not finish: after a cancellation nobody reads the server's close
+# reply, so waiting for it would only delay shutdown; the close frame itself leaves at once.
+ABANDON_TIMEOUT: Final = 0.5
 GOING_AWAY: Final = 1001
 
 
@@ -150,7 +153,7 @@ async def stream(
         assert shared.failure is not None
         raise shared.failure
     finally:
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT if closing_code == 1000 else ABANDON_TIMEOUT, shield=True):
             with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
                 await ws.aclose(closing_code, None if closing_code == 1000 else "going away")
 

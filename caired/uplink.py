@@ -130,6 +130,28 @@ def _describe(exc: BaseException) -> str:
 GateState = Literal["unknown", "up", "down", "rejected"]
 
 
+@attrs.define(eq=False)
+class Turn:
+    """One session's attempt inside the gate."""
+
+    _gate: Gate
+    _holding: bool = False
+
+    def admitted(self, *_: Any) -> None:
+        """The backend answered this session: it is up, and the other sessions may go."""
+        gate = self._gate
+        if gate.state != "up":
+            if gate.state in ("down", "rejected"):
+                log.info("backend_up", after_failures=gate.failures)
+            gate.state = "up"
+        self._let_go()
+
+    def _let_go(self) -> None:
+        if self._holding:
+            self._holding = False
+            self._gate._probe.release()
+
+
 @attrs.define
 class Gate:
     """Backoff shared by every session of a process; see the module docstring."""
@@ -140,7 +162,9 @@ class Gate:
     failures: int = 0
     next_attempt: float = 0.0
     handshakes: int = 0
-    _probe: trio.Lock = attrs.field(factory=trio.Lock)
+    last_delay: float = 0.0
+    # A semaphore, not a lock: the listener task lets the others go when the first answer arrives.
+    _probe: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(1))
 
     def delay(self, failures: int, *, slow: bool = False) -> float:
         """Full jitter: uniform in [0, min(max, initial * multiplier**(failures - 1)) * (4 if slow)]."""
@@ -150,31 +174,41 @@ class Gate:
         return self.rng() * ceiling
 
     @asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        """Wait for this session's turn to connect; while the backend is not up, one at a time."""
-        if self.state == "up":
-            await trio.sleep_until(self.next_attempt)
-            self.handshakes += 1
-            yield
-            return
-        async with self._probe:
-            await trio.sleep_until(self.next_attempt)
-            self.handshakes += 1
-            yield
+    async def attempt(self) -> AsyncIterator[Turn]:
+        """One attempt, from waiting for its turn to its end.
 
-    def connected(self) -> None:
-        if self.state != "up" and self.state != "unknown":
+        While the backend is not known to be up, one session at a time is inside, until the
+        backend answers it (``Turn.admitted``). A SessionError leaving the block is recorded
+        (``failed``) before the next session is let in, so it waits for the new backoff.
+        """
+        turn = Turn(self)
+        if self.state != "up":
+            await self._probe.acquire()
+            turn._holding = True
+            if self.state == "up":  # it came up while we waited: nothing to hold the others for
+                turn._let_go()
+        try:
+            await trio.sleep_until(self.next_attempt)
+            self.handshakes += 1
+            yield turn
+        except SessionError as err:
+            self.last_delay = self.failed(err)
+            raise
+        finally:
+            turn._let_go()
+
+    def succeeded(self) -> None:
+        """A session finished: the backend is up and the backoff starts over."""
+        self.failures = 0
+        self.next_attempt = 0.0
+        if self.state in ("down", "rejected"):
             log.info("backend_up", after_failures=self.failures)
         self.state = "up"
 
-    def succeeded(self) -> None:
-        """A session finished: the backoff starts over."""
-        self.failures = 0
-        self.next_attempt = 0.0
-        self.connected()
-
     def failed(self, error: SessionError) -> float:
         """Record a failed attempt; returns the delay before the next one."""
+        if error.permanent:
+            return 0.0  # this session's payload is the problem, not the backend
         now = trio.current_time()
         if isinstance(error, KeyRejected):
             if self.state != "rejected":

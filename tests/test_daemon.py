@@ -445,7 +445,6 @@ async def test_a_rejected_key_is_probed_rarely_and_keeps_the_folders(
     log = tmp_path / "caired.log"
     overrides = {"API_KEY": "wrong-key-0123"} if wrong == "key" else {
         "BACKEND_WS_BASE": f"ws://127.0.0.1:{state.port}/wrong/"}
-    # One session: with several, each probes in turn (see the xfail tests of the gate at the end).
     cfg = daemon_config(state.port, spool, CAIRED_RETRY_REJECTED_PROBE="1", CAIRED_LOG_FILE=str(log),
                         CAIRED_SPOOL_MAX_SESSIONS="1", **overrides)
     drop(spool, "one", 0, 5)
@@ -696,10 +695,9 @@ async def test_failed_attempts_back_off_and_a_success_resets(autojump_clock: tri
     for _ in range(4):
         delays.append(g.failed(unavailable()))
         assert g.state == "down" and g.next_attempt == trio.current_time() + delays[-1]
-        async with g.turn():
+        async with g.attempt():
             assert trio.current_time() == g.next_attempt
     assert delays == [1, 2, 4, 8]
-    g.connected()
     g.succeeded()
     assert (g.failures, g.next_attempt, g.state) == (0, 0.0, "up")
     assert g.failed(SessionError("closed with 1011", close_code=1011)) == 1  # from the start again
@@ -713,7 +711,7 @@ async def test_a_rejected_key_is_probed_only_every_rejected_probe(autojump_clock
     with capture_logs() as logs:
         for n in range(1, 4):
             assert g.failed(KeyRejected("HTTP 403", connected=False)) == 300.0
-            async with g.turn():
+            async with g.attempt():
                 assert trio.current_time() == start + 300.0 * n
     assert g.state == "rejected" and g.failures == 0
     assert [e["log_level"] for e in logs if e["event"] == "backend_rejected_key"] == ["error"]  # once, loudly
@@ -729,7 +727,7 @@ async def test_one_prober_at_a_time_while_the_backend_is_not_up(
 
     async def session() -> None:
         nonlocal inside, highest
-        async with g.turn():
+        async with g.attempt():
             inside += 1
             highest = max(highest, inside)
             await trio.sleep(1)
@@ -742,34 +740,21 @@ async def test_one_prober_at_a_time_while_the_backend_is_not_up(
     assert trio.current_time() == (3.0 if most == 1 else 1.0)
 
 
-# deliver() calls gate.failed() only after the failed attempt has left Gate.turn() (and closed its frame
-# pipeline, a checkpoint), so the session waiting on the probe lock reads the old next_attempt and probes
-# at once: every failed probe is followed by one from each other session (with max_sessions = 2: twice the
-# handshakes in an outage, two per rejected_probe period). A key rejected by close 1008 after the
-# handshake is worse: connected() marks the gate "up", so the other sessions skip the lock altogether.
-GATE_PROBES_BACK_TO_BACK = (
-    "uplink.Gate admits the next prober before the failed probe's backoff is recorded; "
-    "see the comment above and the report"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=GATE_PROBES_BACK_TO_BACK)
 async def test_the_next_prober_waits_for_the_backoff_of_the_failed_probe(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Two sessions using the gate as deliver() does: the turn, then (after leaving the attempt) failed()."""
+    """Two sessions whose probes fail: the failure is recorded before the other one is let in."""
     g = gate(rejected_probe=10.0)
     probes: list[float] = []
 
     async def session() -> None:
         for _ in range(3):
             try:
-                async with g.turn():
+                async with g.attempt():
                     probes.append(trio.current_time())
                     raise KeyRejected("HTTP 403", connected=False)
-            except KeyRejected as err:
-                await trio.lowlevel.checkpoint()  # deliver() first closes the attempt's frame pipeline
-                g.failed(err)
+            except KeyRejected:
+                await trio.lowlevel.checkpoint()  # deliver() then closes the attempt's frame pipeline
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session)
@@ -777,7 +762,6 @@ async def test_the_next_prober_waits_for_the_backoff_of_the_failed_probe(
     assert len(probes) == 6 and all(b - a >= 10.0 for a, b in itertools.pairwise(probes))
 
 
-@pytest.mark.xfail(strict=True, reason=GATE_PROBES_BACK_TO_BACK)
 async def test_a_key_rejected_after_the_handshake_is_probed_by_one_session_at_a_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -788,16 +772,39 @@ async def test_a_key_rejected_after_the_handshake_is_probed_by_one_session_at_a_
     async def session() -> None:
         for _ in range(3):
             try:
-                async with g.turn():
+                async with g.attempt():
                     probes.append(trio.current_time())
-                g.connected()
-                await trio.sleep(0.01)  # the close comes while the first frames go out
-                raise KeyRejected("the backend closed with 1008", close_code=1008)
-            except KeyRejected as err:
+                    await trio.sleep(0.01)  # the close comes while the first frames go out, before any answer
+                    raise KeyRejected("the backend closed with 1008", close_code=1008)
+            except KeyRejected:
                 await trio.lowlevel.checkpoint()
-                g.failed(err)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session)
         nursery.start_soon(session)
     assert len(probes) == 6 and all(b - a >= 10.0 for a, b in itertools.pairwise(probes))
+
+
+async def test_once_the_backend_answers_the_other_sessions_go_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    g = gate()
+    entered: list[float] = []
+
+    async def session() -> None:
+        async with g.attempt() as turn:
+            entered.append(trio.current_time())
+            await trio.sleep(0.5)
+            turn.admitted()  # the first answer
+            await trio.sleep(10)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(session)
+    assert entered == [0.0, 0.5, 0.5] and g.state == "up"
+
+
+async def test_a_permanent_failure_does_not_back_off(autojump_clock: trio.testing.MockClock) -> None:
+    g = gate()
+    with pytest.raises(SessionError):
+        async with g.attempt():
+            raise SessionError("closed with 1009", close_code=1009, permanent=True)
+    assert (g.failures, g.next_attempt, g.last_delay) == (0, 0.0, 0.0)
