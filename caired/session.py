@@ -186,16 +186,19 @@ async def _send(
         frame = ready.pop(0) if ready else await feed.next()
         if frame is None:
             break
+        message = encode_message(datapt_id, STATE_STREAM, frame.data, frame.timestamp, advanced)  # before the wait
         if fps > 0:
             await trio.sleep_until(t0 + index / fps)
-        await _send_one(ws, shared, encode_message(datapt_id, STATE_STREAM, frame.data, frame.timestamp, advanced))
+        await _send_one(ws, shared, message)
+        del message  # a megabyte in raw mode: not kept while the next frame is awaited
         last = frame
         index += 1
         tally.sent, tally.skipped = index, feed.skipped
     assert last is not None
+    message = encode_message(datapt_id, STATE_END, last.data, last.timestamp, advanced)
     if fps > 0:
         await trio.sleep_until(t0 + index / fps)
-    await _send_one(ws, shared, encode_message(datapt_id, STATE_END, last.data, last.timestamp, advanced))
+    await _send_one(ws, shared, message)
 
 
 async def _send_one(ws: Socket, shared: _Shared, message: str) -> None:
