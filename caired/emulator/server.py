@@ -60,6 +60,7 @@ class Faults:
     garbage_every: int = 0  # interleave a non-JSON text and a binary message every N frames
     stall: bool = False  # accept, then never read again (a half-open peer)
     slow: float = 0.0  # seconds spent on every frame (a backend that cannot keep up)
+    accept_delay: float = 0.0  # seconds before a handshake is answered (a backend slow to take a session)
 
 
 @attrs.frozen(kw_only=True)
@@ -178,6 +179,8 @@ async def _handle(
             state.rejected += 1
             await request.reject(403, body=b"invalid api key")
             return
+    if faults.accept_delay:
+        await trio.sleep(faults.accept_delay)
     ws = await request.accept()
     seen = SessionSeen(socket_id=secrets.token_hex(4), path=parts.path, query=query, headers=headers)
     state.sessions.append(seen)

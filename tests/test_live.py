@@ -1,0 +1,121 @@
+"""Camera sessions in the daemon: live streaming, store-and-forward, drops. A video file is the camera."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import trio
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from caired.config import Config
+from caired.daemon import Daemon, serve
+from caired.emulator.server import BackendOptions, BackendState, Faults, serve_backend
+from caired.systemd import Notifier
+from tests.conftest import BackendFactory, make_config
+from tests.test_camera import write_video
+
+
+def camera_config(port: int, tmp_path: Path, **env: str) -> Config:
+    video = write_video(tmp_path / "camera.avi", frames=40)
+    settings = dict(
+        CAIRED_SPOOL_DIR=str(tmp_path / "spool"),
+        CAIRED_SPOOL_SETTLE_SECONDS="0.2",
+        CAIRED_SPOOL_RESCAN_SECONDS="0.5",
+        CAIRED_CAMERA_ENABLED="true",
+        CAIRED_CAMERA_DEVICE=str(video),
+        CAIRED_CAMERA_SESSION_SECONDS="1",
+        CAIRED_CAMERA_FPS="10",
+        CAIRED_STREAM_FPS="0",
+        CAIRED_BACKEND_HEARTBEAT="0",
+    )
+    return make_config(port, **{**settings, **env})
+
+
+async def start_daemon(nursery: trio.Nursery, cfg: Config) -> Daemon:
+    daemon: Daemon = await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None),
+                                                                   task_status=task_status))
+    return daemon
+
+
+def done_results(spool: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((spool / "done").glob("*/result.json"))]
+
+
+async def wait_for(predicate: Any, deadline: float = 20.0) -> None:
+    with trio.fail_after(deadline):
+        while not predicate():  # noqa: ASYNC110 - polling the filesystem: there is no event to wait on
+            await trio.sleep(0.05)
+
+
+async def test_camera_sessions_stream_live_back_to_back(
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    state = await backend()
+    cfg = camera_config(state.port, tmp_path)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        await start_daemon(nursery, cfg)
+        await wait_for(lambda: len(done_results(tmp_path / "spool")) >= 2)
+    results = done_results(tmp_path / "spool")[:2]
+    assert [r["source"] for r in results] == ["camera", "camera"]
+    assert all(r["session"].startswith("cam-") for r in results)
+    assert state.violations == []
+    finished = state.finished_sessions()
+    assert len({s.datapt_id for s in finished}) == len(finished) >= 2
+    for seen in finished[:2]:
+        stamps = [float(f.timestamp) for f in seen.frames]
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        assert all(gap > 0 for gap in gaps)
+        assert 0.07 < statistics.median(gaps) < 0.13  # captured at ~10 fps, timestamps are capture times
+    for result in results:
+        folder = tmp_path / "spool" / "done" / result["session"]
+        assert len(list(folder.glob("*.png"))) == result["frames_recorded"] >= 5
+        assert result["frames_sent"] + result["frames_dropped_live"] == result["frames_recorded"]
+    camera_answers = [e for e in logs if e["event"] == "response" and e.get("source") == "camera"]
+    assert camera_answers and {e["datapt_id"] for e in camera_answers} >= {r["datapt_id"] for r in results}
+
+
+async def test_a_session_captured_while_the_backend_is_down_is_streamed_once_it_is_back(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = camera_config(port, tmp_path)
+    spool = tmp_path / "spool"
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        await start_daemon(nursery, cfg)
+        # the first camera session is captured with nothing listening: it is stored, not lost
+        await wait_for(lambda: any(e["event"] == "camera_session_stored" for e in logs))
+        stored = next(e for e in logs if e["event"] == "camera_session_stored")
+        state: BackendState = await nursery.start(lambda task_status: serve_backend(
+            BackendOptions(), port=port, task_status=task_status))
+        await wait_for(lambda: any(r["session"] == stored["session"] for r in done_results(spool)))
+    result = next(r for r in done_results(spool) if r["session"] == stored["session"])
+    folder = spool / "done" / result["session"]
+    assert result["frames_sent"] == len(list(folder.glob("*.png"))) == stored["frames"]
+    assert result["datapt_id"] == stored["datapt_id"]
+    assert result["attempts"] >= 2  # the live attempt, then the stored folder's
+    streamed = [s for s in state.finished_sessions() if s.datapt_id == result["datapt_id"]]
+    assert len(streamed) == 1 and len(streamed[0].frames) == stored["frames"]
+    assert state.violations == []
+
+
+async def test_a_slow_backend_makes_the_live_stream_drop_frames_but_the_recording_keeps_them(
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    state = await backend(faults=Faults(accept_delay=0.6))  # the live stream cannot wait: it drops
+    cfg = camera_config(state.port, tmp_path, CAIRED_STREAM_SEND_QUEUE="2", CAIRED_CAMERA_FPS="20")
+    await start_daemon(nursery, cfg)
+    await wait_for(lambda: len(done_results(tmp_path / "spool")) >= 1, deadline=30)
+    result = done_results(tmp_path / "spool")[0]
+    assert result["frames_dropped_live"] > 0
+    assert result["frames_sent"] + result["frames_dropped_live"] == result["frames_recorded"]
+    folder = tmp_path / "spool" / "done" / result["session"]
+    assert len(list(folder.glob("*.png"))) == result["frames_recorded"]
