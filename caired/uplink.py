@@ -166,6 +166,9 @@ class Gate:
     # A semaphore, not a lock: the listener task lets the others go when the first answer arrives.
     _probe: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(1))
 
+    def is_up(self) -> bool:
+        return self.state == "up"
+
     def delay(self, failures: int, *, slow: bool = False) -> float:
         """Full jitter: uniform in [0, min(max, initial * multiplier**(failures - 1)) * (4 if slow)]."""
         ceiling = min(self.retry.max, self.retry.initial * self.retry.multiplier ** max(0, failures - 1))
@@ -185,7 +188,7 @@ class Gate:
         if self.state != "up":
             await self._probe.acquire()
             turn._holding = True
-            if self.state == "up":  # it came up while we waited: nothing to hold the others for
+            if self.is_up():  # it came up while we waited: nothing to hold the others for
                 turn._let_go()
         try:
             await trio.sleep_until(self.next_attempt)
