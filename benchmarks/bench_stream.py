@@ -146,25 +146,57 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run to completion; wall time, CPU and peak RSS of that child alone, and its stdout."""
+# A child's ru_maxrss starts from the RSS high-water mark of the process that spawned it
+# (vfork/posix_spawn share the parent's memory until exec, and exec keeps that mark).
+# This process holds cv2 and decoded frames, so the measured clients are started by a
+# lean launcher instead, whose own mark (~10 MB) is below anything measured.
+_LAUNCHER = """
+import json, os, subprocess, sys, tempfile, time
+for line in sys.stdin:
+    job = json.loads(line)
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
-        assert proc.stdout is not None
+        proc = subprocess.Popen(job["cmd"], stdout=subprocess.PIPE, stderr=err, env=job["env"])
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.read().decode()[-2000:]}")
-    return {
-        "wall": wall,
-        "cpu": usage.ru_utime + usage.ru_stime,
-        "rss_mb": usage.ru_maxrss / 1024,
-        "stdout": out.decode("utf-8", "replace"),
-    }
+        err.seek(0)
+        print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+                          "code": os.waitstatus_to_exitcode(status), "stdout": out.decode("utf-8", "replace"),
+                          "stderr": err.read().decode("utf-8", "replace")[-2000:]}), flush=True)
+"""
+
+
+class Launcher:
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+        """Run to completion; wall time, CPU and peak RSS of that child alone, and its stdout."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps({"cmd": cmd, "env": env}) + "\n")
+        self._proc.stdin.flush()
+        result: dict[str, Any] = json.loads(self._proc.stdout.readline())
+        if result.pop("code") != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{result['stderr']}")
+        del result["stderr"]
+        return result
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        self._proc.wait(10)
+
+
+_launcher: Launcher | None = None
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    global _launcher
+    if _launcher is None:
+        _launcher = Launcher()
+    return _launcher.run(cmd, env)
 
 
 def _iso(text: str) -> float:
