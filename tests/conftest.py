@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,33 @@ def write_frames(
         cv2.imwrite(str(path), image)
         paths.append(path)
     return paths
+
+
+def write_video(path: Path, frames: int = 30, size: tuple[int, int] = (64, 48)) -> Path:
+    """A short MJPG .avi whose frames differ, readable by headless OpenCV: the camera in tests."""
+    width, height = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30, (width, height))
+    assert writer.isOpened()
+    for i in range(frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:] = ((i * 37) % 256, 255 - (i * 11) % 256, 80)
+        cv2.putText(image, str(i), (4, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (yet)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 import structlog
@@ -21,23 +20,10 @@ from caired import camera
 from caired.camera import CapturedFrame, CaptureStats, capture, is_video_file, open_device, run_camera, session_name
 from caired.config import CameraConfig
 from caired.errors import DeviceError
+from tests.conftest import write_video
 
 TIMESTAMP = re.compile(r"^\d+\.\d{7}$")
 SESSION = re.compile(r"^cam-\d{8}T\d{6}-\d{3}$")
-
-
-def write_video(path: Path, frames: int = 30, size: tuple[int, int] = (64, 48)) -> Path:
-    """A short MJPG .avi whose frames differ (colour and a counter), readable by headless OpenCV."""
-    width, height = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30, (width, height))
-    assert writer.isOpened()
-    for i in range(frames):
-        image = np.zeros((height, width, 3), np.uint8)
-        image[:] = ((i * 37) % 256, 255 - (i * 11) % 256, 80)
-        cv2.putText(image, str(i), (4, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
-        writer.write(image)
-    writer.release()
-    return path
 
 
 class FakeCapture:

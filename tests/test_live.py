@@ -16,8 +16,7 @@ from caired.config import Config
 from caired.daemon import Daemon, serve
 from caired.emulator.server import BackendOptions, BackendState, Faults, serve_backend
 from caired.systemd import Notifier
-from tests.conftest import BackendFactory, make_config
-from tests.test_camera import write_video
+from tests.conftest import BackendFactory, free_port, make_config, write_video
 
 
 def camera_config(port: int, tmp_path: Path, **env: str) -> Config:
@@ -82,11 +81,7 @@ async def test_camera_sessions_stream_live_back_to_back(
 async def test_a_session_captured_while_the_backend_is_down_is_streamed_once_it_is_back(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cfg = camera_config(port, tmp_path)
     spool = tmp_path / "spool"
     with capture_logs(processors=[merge_contextvars]) as logs:

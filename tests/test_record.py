@@ -20,24 +20,11 @@ import pytest
 
 from caired import camera, cli, record
 from caired.camera import CapturedFrame
+from tests.conftest import write_video
 
 PNG = re.compile(r"^\d+\.\d+\.png$")
 ENV_NAMES = ("FPS", "DURATION_SEC", "CAMERA_INDEX", "IMAGES_DIR", "RES_WIDTH", "RES_HEIGHT", "SHOW_PREVIEW",
              "DISPLAY", "WAYLAND_DISPLAY")
-
-
-def write_video(path: Path, frames: int = 30, size: tuple[int, int] = (64, 48)) -> Path:
-    """A short MJPG .avi whose frames differ, readable by headless OpenCV."""
-    width, height = size
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30, (width, height))
-    assert writer.isOpened()
-    for i in range(frames):
-        image = np.zeros((height, width, 3), np.uint8)
-        image[:] = ((i * 37) % 256, 255 - (i * 11) % 256, 80)
-        cv2.putText(image, str(i), (4, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
-        writer.write(image)
-    writer.release()
-    return path
 
 
 class FakeCapture:

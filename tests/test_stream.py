@@ -168,16 +168,6 @@ async def test_a_withheld_finished_fails_after_the_finish_timeout(
     assert len(state.sessions) == 2 and all(s.end is not None for s in state.sessions)
 
 
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 # --- the command line: exit codes, one-line errors, no key anywhere --------------------------------------------
 
 
