@@ -60,7 +60,7 @@ class Daemon:
     status_changed: trio.Event = attrs.field(factory=trio.Event)
     finished: int = 0
     failed: int = 0
-    in_flight: dict[str, Claim] = attrs.field(factory=dict)
+    in_flight: set[Claim] = attrs.field(factory=set)  # claims are compared by identity
     # Folders of incoming/ (by name; "" is the scan itself) not to touch before a trio time.
     _held_back: dict[str, float] = attrs.field(factory=dict, init=False)
 
@@ -151,7 +151,7 @@ async def _dispatch(daemon: Daemon, nursery: trio.Nursery, pokes: trio.MemoryRec
             while (claim := await _claim_oldest(daemon)) is None:
                 with trio.move_on_at(daemon.next_look()):
                     await pokes.receive()  # the watcher says when to look again
-            daemon.in_flight[claim.name] = claim
+            daemon.in_flight.add(claim)
             daemon.changed()
             nursery.start_soon(_session_task, daemon, claim)
 
@@ -189,7 +189,7 @@ async def _session_task(daemon: Daemon, claim: Claim) -> None:
     try:
         await run_folder_session(daemon, claim)
     finally:
-        daemon.in_flight.pop(claim.name, None)
+        daemon.in_flight.discard(claim)
         daemon.slots.release()
         daemon.changed()
 

@@ -66,7 +66,7 @@ async def camera_session(daemon: Daemon, name: str, frames: trio.MemoryReceiveCh
             pass  # closing our end ends the capture: nothing can be kept
         return
     with structlog.contextvars.bound_contextvars(source="camera", session=claim.name, datapt_id=claim.datapt_id):
-        daemon.in_flight[claim.name] = claim
+        daemon.in_flight.add(claim)
         daemon.changed()
         counts = _Counts()
         delivered: Delivered | None = None
@@ -97,7 +97,7 @@ async def camera_session(daemon: Daemon, name: str, frames: trio.MemoryReceiveCh
         except SpoolError as err:
             log.error("spool_write_failed", problem=str(err))
         finally:
-            daemon.in_flight.pop(claim.name, None)
+            daemon.in_flight.discard(claim)
             daemon.changed()
             if not filed and claim.held:
                 with trio.move_on_after(CLEANUP_DEADLINE, shield=True):
