@@ -98,28 +98,37 @@ async def _demo(cfg: Config, work: Path, bpm: float, seconds: float) -> Outcome:
         staging = spool / "tmp" / name
         log.info("demo_synthesizing", bpm=bpm, seconds=seconds, folder=str(staging))
         await trio.to_thread.run_sync(lambda: synthesize(staging, bpm=bpm, seconds=seconds, fps=30.0))
-        staging.rename(spool / "incoming" / name)
+        await trio.to_thread.run_sync(staging.rename, spool / "incoming" / name)
         log.info("demo_dropped", folder=str(spool / "incoming" / name))
         total = round(seconds * 30.0)
         result_file = await _wait_for_result(spool, name, state, total)
         nursery.cancel_scope.cancel()
-    result = json.loads(result_file.read_text())
+    result = json.loads(await trio.to_thread.run_sync(result_file.read_text))
     return Outcome(result=result, log_file=log_file, result_file=result_file, seconds=time.monotonic() - began)
+
+
+def _outcome(spool: Path, name: str) -> tuple[Path | None, str | None]:
+    """(result.json, None) once done; (None, reason) once failed; (None, None) meanwhile."""
+    done = spool / "done" / name / "result.json"
+    if done.exists():
+        return done, None
+    failed = spool / "failed" / name / "error.json"
+    if failed.exists():
+        return None, str(json.loads(failed.read_text()).get("reason", "unknown"))
+    return None, None
 
 
 async def _wait_for_result(spool: Path, name: str, state: BackendState, total: int) -> Path:
     tty = sys.stderr.isatty()
     with trio.move_on_after(DEADLINE):
         while True:
-            done = spool / "done" / name / "result.json"
-            if done.exists():
+            done, failure = await trio.to_thread.run_sync(_outcome, spool, name)
+            if done is not None:
                 if tty:
                     sys.stderr.write(CLEAR)
                 return done
-            failed = spool / "failed" / name / "error.json"
-            if failed.exists():
-                reason = json.loads(failed.read_text()).get("reason", "unknown")
-                raise DemoFailed(f"the demo session failed: {reason}")
+            if failure is not None:
+                raise DemoFailed(f"the demo session failed: {failure}")
             if tty and state.sessions:
                 seen = state.sessions[-1]
                 hr = next((a["inference"]["hr"] for a in reversed(seen.answers)), None)
