@@ -732,11 +732,8 @@ async def test_one_prober_at_a_time_while_the_backend_is_not_up(
     assert trio.current_time() == (3.0 if most == 1 else 1.0)
 
 
-async def test_the_next_prober_waits_for_the_backoff_of_the_failed_probe(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """Two sessions whose probes fail: the failure is recorded before the other one is let in."""
-    g = gate(rejected_probe=10.0)
+async def two_sessions_probing(g: Gate, *, before_failing: float) -> list[float]:
+    """Two sessions, three attempts each, every attempt rejected ``before_failing`` s in; their probe times."""
     probes: list[float] = []
 
     async def session() -> None:
@@ -744,36 +741,31 @@ async def test_the_next_prober_waits_for_the_backoff_of_the_failed_probe(
             try:
                 async with g.attempt():
                     probes.append(trio.current_time())
-                    raise KeyRejected("HTTP 403", connected=False)
+                    await trio.sleep(before_failing)
+                    raise KeyRejected("rejected", close_code=1008 if before_failing else None,
+                                      connected=bool(before_failing))
             except KeyRejected:
                 await trio.lowlevel.checkpoint()  # deliver() then closes the attempt's frame pipeline
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session)
         nursery.start_soon(session)
+    return probes
+
+
+async def test_the_next_prober_waits_for_the_backoff_of_the_failed_probe(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two sessions whose handshakes are refused (HTTP 403): each failure is recorded before the other goes."""
+    probes = await two_sessions_probing(gate(rejected_probe=10.0), before_failing=0.0)
     assert len(probes) == 6 and all(b - a >= 10.0 for a, b in itertools.pairwise(probes))
 
 
 async def test_a_key_rejected_after_the_handshake_is_probed_by_one_session_at_a_time(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """close 1008 right after the handshake (a wrong path, or a backend checking the key late)."""
-    g = gate(rejected_probe=10.0)
-    probes: list[float] = []
-
-    async def session() -> None:
-        for _ in range(3):
-            try:
-                async with g.attempt():
-                    probes.append(trio.current_time())
-                    await trio.sleep(0.01)  # the close comes while the first frames go out, before any answer
-                    raise KeyRejected("the backend closed with 1008", close_code=1008)
-            except KeyRejected:
-                await trio.lowlevel.checkpoint()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session)
-        nursery.start_soon(session)
+    """close 1008 right after the handshake, before any answer (a wrong path, or a backend checking the key late)."""
+    probes = await two_sessions_probing(gate(rejected_probe=10.0), before_failing=0.01)
     assert len(probes) == 6 and all(b - a >= 10.0 for a, b in itertools.pairwise(probes))
 
 
