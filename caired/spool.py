@@ -3,7 +3,7 @@
 Layout of ``[spool] dir`` (all on one filesystem, so every move is one atomic ``rename``)::
 
     incoming/   users drop folders of frames here (names starting with '.' are ignored)
-    active/     folders being streamed; each is flock-ed by the process streaming it
+    active/     folders being streamed; each one's lock file is locked by the process streaming it
     done/       finished sessions, each with result.json
     failed/     permanent failures, each with error.json
     tmp/        staging area for recordings and droppers; never scanned
@@ -44,16 +44,49 @@ When is a dropped folder complete?
     mtime/ctime rule. On network filesystems the times come from the server's clock.
 
 Claiming (Maildir's way)
-    Several caired processes may share one spool. ``claim`` opens the folder in
-    ``incoming/``, takes ``flock(LOCK_EX|LOCK_NB)`` on it (the lock lives on the inode and
-    survives renames), checks the path still names the locked inode, then renames it to
-    ``active/``. A process that loses the lock race or finds the folder gone gets ``None``.
-    The lock is held until the folder leaves ``active/``; ``recover`` treats an unlocked
-    folder in ``active/`` as orphaned (its owner died) and moves it on. flock locks belong
-    to an open file description, so this process's own claims look alive to itself.
-    flock on a directory is reliable on local filesystems; on NFS Linux emulates it with
-    byte-range locks, which need a writable open, so claiming fails there with a
-    SpoolError that says so.
+    Several caired processes, on one machine or on several sharing the spool over NFS, may
+    share one spool. Ownership of a folder is a lock on its lock file ``.caired-lock``
+    (hidden, inside the folder, so it travels with every rename). ``claim`` opens the folder
+    in ``incoming/``, opens (creating it if need be) the lock file relative to the folder's
+    descriptor, and takes a whole-file write lock on it with ``F_OFD_SETLK`` without waiting.
+    It then checks that the path still names the locked folder and that the folder's lock
+    file is still the file locked (a lock on a lock file unlinked meanwhile would guard
+    nothing), and renames the folder to ``active/``. A process that loses the lock race or
+    finds the folder gone gets ``None``. The lock is held until the folder leaves
+    ``active/``; ``recover`` treats a folder of ``active/`` whose lock it can take as
+    orphaned (its owner died) and moves it on.
+
+    Why open file description (OFD) locks: like flock they belong to the open file
+    description, not to the process, so a second open of the lock file in this process
+    conflicts with a held claim (this process's own claims look alive to itself) and
+    closing some other descriptor of the file releases nothing, which traditional POSIX
+    record locks would do. Unlike flock on a folder, Linux maps them onto NFS byte-range
+    locks (NLM for NFSv3, NFSv4 locks), which the server arbitrates between machines; that
+    needs a regular file open for writing, hence the lock file. A filesystem that refuses
+    even these locks makes ``claim`` fail with a SpoolError that says so.
+
+    The lock goes with its holder: kill -9 or a crash closes the descriptor and frees it at
+    once on a local filesystem. On NFS the server frees the locks of a machine that died
+    when its lease expires (NFSv4: 90 s by default, ``/proc/fs/nfsd/nfsv4leasetime``), so
+    that machine's folders are recovered by the first rescan after that; with NFSv3 (NLM)
+    only when the dead machine boots again and its statd tells the server, so prefer NFSv4.
+    A live machine cut off from the server for longer than the lease loses its locks the
+    same way, and its folders may be streamed again elsewhere. The checks by name go through
+    the NFS client's lookup cache, which may lag the server by up to ``acdirmax`` (60 s):
+    if one machine claims and finishes a folder and another folder is dropped under the
+    same name within that time, a machine whose cache still shows the first folder may
+    lock that one and move the new one. Mount the spool with ``lookupcache=none`` (every
+    name checked with the server) where names are reused that quickly.
+
+    The lock file of a session folder is never deleted, also not in ``done/`` and
+    ``failed/``: it is empty and hidden, another process may have just opened it, and
+    deleting an open file on NFS leaves a ``.nfs...`` file behind. Frame deletion
+    (``keep_frames = false``) deletes PNG frames only; only the staging folders of dead
+    ``create_active`` calls are removed whole. A folder in ``active/`` without a
+    lock file was left by an older caired that locked the folder itself with flock:
+    ``recover`` creates the lock file, takes the lock and moves the folder on like any
+    orphan. Older caired versions do not see these locks (nor this one theirs), so stop
+    every older caired on a spool before starting this one.
 
 The datapoint session file
     ``.caired-session.json`` travels inside the folder: ``datapt_id`` (a uuid4, the same
@@ -109,12 +142,19 @@ RESULT_FILE: Final = "result.json"
 ERROR_FILE: Final = "error.json"
 PREVIOUS_ERROR_FILE: Final = "error.previous.json"
 READY_MARKER: Final = ".ready"
+LOCK_FILE: Final = ".caired-lock"  # its OFD lock says which process owns the folder
 FOLDERS: Final = ("incoming", "active", "done", "failed", "tmp")
 
 _TMP_SUFFIX: Final = ".caired-tmp"  # atomic-write temporaries; recover() removes leftovers
 _NEW_PREFIX: Final = ".caired-new-"  # create_active() staging folders in tmp/
 _MAX_SUFFIX: Final = 10_000
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# Read-write: NFS grants a write lock only on a file open for writing. No symlinks followed.
+_LOCK_FILE_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_LOCKS_ADVICE: Final = (
+    "the spool must be on a filesystem with open file description locks "
+    "(a local one, or NFS with locking enabled: not mounted with nolock or local_lock)"
+)
 
 WATCH_STEP_MS: Final = 200  # watcher thread wake-up: latency of events and of cancellation
 WATCH_DEBOUNCE_MS: Final = 1_000  # longest a stream of changes is grouped before a poke
@@ -231,23 +271,86 @@ def _move_unique(src: Path, parent: Path, name: str) -> Path:
     raise FileExistsError(errno.EEXIST, f"{name}.1 to {name}.{_MAX_SUFFIX - 1} all exist", str(parent / name))
 
 
+class _Flock(ctypes.Structure):
+    """The C ``struct flock`` that ``F_OFD_SETLK`` reads. CPython is built with large-file
+    support, so its ``fcntl()`` takes the 64-bit ``off_t`` layout on every Linux platform;
+    ctypes adds the platform's padding."""
+
+    _fields_ = (
+        ("l_type", ctypes.c_short),
+        ("l_whence", ctypes.c_short),
+        ("l_start", ctypes.c_int64),
+        ("l_len", ctypes.c_int64),  # 0: up to the end of the file, however long it grows
+        ("l_pid", ctypes.c_int),  # must be 0 for OFD locks
+    )
+
+
+_WHOLE_FILE_WRITE_LOCK: Final = bytes(_Flock(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+
+
 def _try_lock(fd: int) -> bool:
-    """Non-blocking exclusive flock; False when another open file description holds it."""
+    """Take a whole-file OFD write lock on ``fd`` without waiting; False when another open file
+    description holds a lock on the file (in this process or any other, on any NFS client)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE_WRITE_LOCK)
+    except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES from some filesystems: held
         return False
     return True
 
 
-def _same_inode(fd: int, path: Path) -> bool:
-    """Does ``path`` still name the folder open as ``fd``? (Someone may have moved it meanwhile.)"""
+def _same_inode(fd: int, path: Path | str, *, dir_fd: int | None = None) -> bool:
+    """Does ``path`` (relative to ``dir_fd`` if given) still name the file open as ``fd``?
+    Someone may have moved or replaced it meanwhile."""
     try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
         return False
     mine = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _lock_folder(dir_fd: int, path: Path) -> int | None:
+    """Lock the folder open as ``dir_fd`` (found at ``path``) through its lock file.
+
+    Returns the lock file's descriptor, whose closing releases the lock; None when another
+    open file description holds the lock, when the folder has been removed, or when
+    ``path`` no longer names this folder or the folder's lock file is no longer the file
+    locked. SpoolError when the lock file cannot be opened or the filesystem refuses the lock.
+    """
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(LOCK_FILE, _LOCK_FILE_FLAGS, 0o660, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE):  # the folder was removed (on NFS: by another machine)
+            return None
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise SpoolError(f"{lock_path} is not a regular file; remove it", path=lock_path, code=exc.errno) from exc
+        raise _spool_error("open", lock_path, exc, "let caired's group write dropped folders") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpoolError(f"{lock_path} is not a regular file; remove it", path=lock_path)
+        try:
+            locked = _try_lock(fd)
+        except OSError as exc:  # ENOLCK, EINVAL, EOPNOTSUPP...: no such locks on this filesystem
+            raise _spool_error("lock", lock_path, exc, _NO_LOCKS_ADVICE) from exc
+        if locked and _same_inode(dir_fd, path) and _same_inode(fd, LOCK_FILE, dir_fd=dir_fd):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def _remove_all_but_the_lock_file(folder: Path) -> None:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
 
 def _mark_ready(folder: Path) -> None:
@@ -305,10 +408,11 @@ class _Look:
 
 @attrs.define(eq=False)
 class Claim:
-    """One folder in active/, held (flock) by this process until finished, failed or released.
+    """One folder in active/, held by this process until finished, failed or released.
 
     ``name`` is the folder's name as dropped; ``path`` is where the folder is now (it
-    follows the folder to done/, failed/ or incoming/).
+    follows the folder to done/, failed/ or incoming/). The claim keeps the folder's lock
+    file open and locked; ``key`` is the folder's (device, inode), which ``recover`` skips.
     """
 
     name: str
@@ -354,7 +458,7 @@ class Claim:
 
     def _close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the last descriptor releases the flock
+            os.close(self._fd)  # the only descriptor of its open file description: releases the lock
             self._fd = None
 
 
@@ -536,26 +640,28 @@ class Spool:
         _check_name(name)
         src = self.incoming / name
         try:
-            fd = os.open(src, _DIR_FLAGS)
+            dir_fd = os.open(src, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise _spool_error("open", src, exc, "let caired's group read dropped folders") from exc
+        fd: int | None = None
         try:
-            if not self._lock_dir(fd, src) or not _same_inode(fd, src):
-                os.close(fd)
+            st = os.fstat(dir_fd)
+            fd = _lock_folder(dir_fd, src)
+            if fd is None:
                 return None
-            st = os.fstat(fd)
-            try:
-                path = _move_unique(src, self.active, name)
-            except FileNotFoundError:
-                os.close(fd)
-                return None
+            path = _move_unique(src, self.active, name)
         except OSError as exc:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+            if isinstance(exc, FileNotFoundError):  # moved away by someone else after our check
+                return None
             if isinstance(exc, SpoolError):
                 raise
             raise _spool_error("claim", src, exc, "check the spool's permissions") from exc
+        finally:
+            os.close(dir_fd)
         key = (st.st_dev, st.st_ino)
         with self._lock:
             self._held.add(key)
@@ -607,16 +713,21 @@ class Spool:
 
     def create_active(self, name: str, *, source: str) -> Claim:
         """A new, locked session folder active/<name> (or <name>.1...) with its session file,
-        for frames written as they are captured. Built in tmp/ and renamed in, so no other
-        process ever sees it in active/ unlocked."""
+        for frames written as they are captured. Built in tmp/, its lock file locked, and
+        renamed in, so no other process ever sees it in active/ unlocked."""
         _check_name(name)
         staging = self.tmp / f"{_NEW_PREFIX}{uuid.uuid4().hex}"
         fd: int | None = None
         try:
             staging.mkdir(mode=0o770)
-            fd = os.open(staging, _DIR_FLAGS)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st = os.fstat(fd)
+            dir_fd = os.open(staging, _DIR_FLAGS)
+            try:
+                st = os.fstat(dir_fd)
+                fd = _lock_folder(dir_fd, staging)
+            finally:
+                os.close(dir_fd)
+            if fd is None:  # only a staging cleaner racing us can hold it, or have removed it
+                raise FileNotFoundError(errno.ENOENT, "removed while being created", str(staging))
             claim = Claim(
                 name=name,
                 path=staging,
@@ -640,14 +751,6 @@ class Spool:
             self._held.add(claim._key)
         log.info("folder_created", session=name, datapt_id=claim.datapt_id, source=source, path=str(claim.path))
         return claim
-
-    def _lock_dir(self, fd: int, path: Path) -> bool:
-        try:
-            return _try_lock(fd)
-        except OSError as exc:
-            raise _spool_error(
-                "lock", path, exc, "the spool must be on a filesystem with flock on folders (a local one)"
-            ) from exc
 
     # -- outcomes --------------------------------------------------------------------------------
 
@@ -762,18 +865,18 @@ class Spool:
         return moved
 
     def _recover_one(self, path: Path) -> bool:
+        """Move on the folder ``path`` of active/ if nobody holds its lock. A folder without a
+        lock file (left by an older caired) gets one here, locked like any other."""
         try:
-            fd = os.open(path, _DIR_FLAGS)
+            dir_fd = os.open(path, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
             return False
         try:
-            alive = not self._lock_dir(fd, path) or not _same_inode(fd, path)
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
-        if alive:
-            os.close(fd)
+            st = os.fstat(dir_fd)
+            fd = _lock_folder(dir_fd, path)
+        finally:
+            os.close(dir_fd)
+        if fd is None:  # alive, or moved on by another process meanwhile
             return False
         session = _load_session(path) or {}
         claim = Claim(
@@ -817,22 +920,37 @@ class Spool:
                         os.unlink(entry.path)
 
     def _clean_staging(self) -> None:
+        """Remove the staging folders of create_active whose creator died (nobody holds their lock).
+
+        Everything but the lock file goes while the lock is held; the lock file and the folder
+        only after it is closed: NFS keeps an unlinked file that is still open as a ``.nfs...``
+        file, which would keep the folder from ever being removed. Best effort: what is left
+        is tried again at the next recover.
+        """
         try:
             entries = [e for e in os.scandir(self.tmp) if e.name.startswith(_NEW_PREFIX)]
         except OSError:
             return
         for entry in entries:
+            path = Path(entry.path)
             try:
-                fd = os.open(entry.path, _DIR_FLAGS)
+                dir_fd = os.open(path, _DIR_FLAGS)
             except OSError:
                 continue
             try:
-                if _try_lock(fd) and _same_inode(fd, Path(entry.path)):
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                fd = _lock_folder(dir_fd, path)
+                if fd is None:
+                    continue
+                try:
+                    _remove_all_but_the_lock_file(path)
+                finally:
+                    os.close(fd)
+                os.unlink(path / LOCK_FILE)
+                os.rmdir(path)
             except OSError:
                 pass
             finally:
-                os.close(fd)
+                os.close(dir_fd)
 
     # -- status ----------------------------------------------------------------------------------
 

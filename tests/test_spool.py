@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from caired import spool as spool_module
 from caired.errors import CairedError, ExitCode
 from caired.spool import (
     ERROR_FILE,
+    LOCK_FILE,
     READY_MARKER,
     RESULT_FILE,
     SESSION_FILE,
@@ -264,16 +266,23 @@ def test_claim_is_exclusive_between_spools(spool: Spool, clock: FakeClock) -> No
     assert other.recover() == []  # locked: its owner is alive
 
 
-def test_claim_skips_a_folder_locked_by_another_claimer(spool: Spool) -> None:
-    """The loser of the flock race (the winner locked it but has not renamed it yet) skips it."""
-    import fcntl
+def lock_elsewhere(folder: Path) -> int:
+    """Lock ``folder``'s lock file through an open file description of its own, as another
+    claimer would; close the returned descriptor to let go."""
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, spool_module._WHOLE_FILE_WRITE_LOCK)
+    return fd
 
+
+def test_claim_skips_a_folder_locked_by_another_claimer(spool: Spool) -> None:
+    """The loser of the lock race (the winner locked it but has not renamed it yet) skips it.
+    The winner here is this very process, through another open file description: OFD locks
+    conflict there, where process-owned POSIX locks would let the claim through."""
     folder = drop(spool, "s1")
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fd = lock_elsewhere(folder)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert spool.claim("s1") is None
-        assert folder.exists()
+        assert folder.exists() and listing(spool.active) == []
     finally:
         os.close(fd)
     assert spool.claim("s1") is not None
@@ -449,14 +458,14 @@ def test_finish_never_overwrites_a_done_folder(spool: Spool) -> None:
     assert len(ids) == 3
 
 
-def test_keep_frames_false_deletes_the_frames_and_keeps_result_json(tmp_path: Path) -> None:
+def test_keep_frames_false_deletes_the_frames_and_keeps_result_json_and_the_lock_file(tmp_path: Path) -> None:
     s = Spool(tmp_path / "spool", keep_frames=False)
     s.prepare()
     drop(s, "s1", frames=4)
     claim = s.claim("s1")
     assert claim is not None
     done = s.finish(claim, _result(claim))
-    assert listing(done) == sorted([READY_MARKER, SESSION_FILE, RESULT_FILE])
+    assert listing(done) == sorted([LOCK_FILE, READY_MARKER, SESSION_FILE, RESULT_FILE])
 
 
 def test_fail_writes_error_json_and_moves_to_failed(spool: Spool) -> None:
