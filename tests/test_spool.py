@@ -270,8 +270,25 @@ def lock_elsewhere(folder: Path) -> int:
     """Lock ``folder``'s lock file through an open file description of its own, as another
     claimer would; close the returned descriptor to let go."""
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, spool_module._WHOLE_FILE_WRITE_LOCK)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, spool_module._WHOLE_FILE_WRITE_LOCK)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
+
+
+def locks_on(path: Path) -> list[tuple[str, str, str, str]]:
+    """(kind, type, start, end) of each lock /proc/locks lists on ``path``'s inode."""
+    inode = path.stat().st_ino
+    found = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "->":  # a waiter, not a lock
+            continue
+        if int(fields[5].rsplit(":", 1)[1]) == inode:
+            found.append((fields[1], fields[3], fields[6], fields[7]))
+    return found
 
 
 def test_claim_skips_a_folder_locked_by_another_claimer(spool: Spool) -> None:
@@ -286,6 +303,84 @@ def test_claim_skips_a_folder_locked_by_another_claimer(spool: Spool) -> None:
     finally:
         os.close(fd)
     assert spool.claim("s1") is not None
+
+
+def test_a_claim_is_an_ofd_write_lock_on_the_whole_lock_file(spool: Spool) -> None:
+    """The kind of lock NFS can arbitrate between machines: not flock, not a process-owned
+    POSIX lock, and over the whole file."""
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    lock_file = claim.path / LOCK_FILE
+    assert stat.S_ISREG(lock_file.stat().st_mode)
+    assert locks_on(lock_file) == [("OFDLCK", "WRITE", "0", "EOF")]
+    assert locks_on(claim.path) == []  # the folder itself is not locked
+    done = spool.finish(claim, {"hr": 70.0})
+    assert locks_on(done / LOCK_FILE) == []
+
+
+def test_a_held_claim_cannot_be_taken_through_another_open_file_description_of_this_process(
+    spool: Spool, clock: FakeClock
+) -> None:
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    with pytest.raises(BlockingIOError):
+        lock_elsewhere(claim.path)
+    other = Spool(spool.root, clock=clock)  # same process, no record of the claim: only the lock counts
+    assert other.recover() == []
+    assert claim.held and listing(spool.active) == ["s1"]
+
+
+@pytest.mark.parametrize("meanwhile", ["the folder was replaced", "the lock file was replaced"])
+def test_claim_gives_up_when_what_it_locked_is_no_longer_in_place(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """Between opening the lock file and locking it, the folder was moved away and another
+    dropped under its name, or the lock file was unlinked and created anew: the lock taken
+    guards neither, so the claim must not move anything."""
+    folder = drop(spool, "s1")
+    lock_for_real = spool_module._try_lock
+
+    def change_then_lock(fd: int) -> bool:
+        if meanwhile == "the folder was replaced":
+            os.rename(folder, spool.incoming / "moved")
+            drop(spool, "s1", frames=5)
+        else:
+            (folder / LOCK_FILE).unlink()
+            (folder / LOCK_FILE).touch()
+        return lock_for_real(fd)
+
+    monkeypatch.setattr(spool_module, "_try_lock", change_then_lock)
+    assert spool.claim("s1") is None
+    monkeypatch.undo()
+    assert listing(spool.active) == []
+    assert spool.claim("s1") is not None  # nothing was left locked
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP], ids=errno.errorcode.get)
+def test_a_filesystem_without_locks_gives_a_one_line_spool_error(
+    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    drop(spool, "s1")
+    orphan = spool.claim("s1")
+    assert orphan is not None
+    _die_holding(spool, orphan)
+    drop(spool, "s2")
+
+    def refuse(fd: int, command: int, arg: Any = 0) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "fcntl", refuse)
+    restarted = Spool(spool.root, clock=clock)
+    for attempt in (lambda: spool.claim("s2"), restarted.recover):
+        with pytest.raises(SpoolError) as info:
+            attempt()
+        err = info.value
+        assert err.errno == code and err.exit_code == ExitCode.CANT_CREATE
+        assert "\n" not in str(err) and LOCK_FILE in str(err) and "open file description locks" in str(err)
+    monkeypatch.undo()
+    assert listing(spool.incoming) == ["s2"] and listing(spool.active) == ["s1"]
 
 
 def test_claim_with_a_busy_name_in_active_takes_a_suffix(spool: Spool) -> None:
@@ -374,6 +469,71 @@ def test_folder_of_a_killed_process_is_recovered_with_its_datapt_id(spool: Spool
     assert spool.ready() == (["held"], None)
     again = spool.claim("held")
     assert again is not None and again.datapt_id == datapt_id and again.attempts == 1
+
+
+_RECOVERER = """
+import sys
+from caired.spool import Spool
+print("RECOVERED", *Spool(sys.argv[1]).recover(), flush=True)
+"""
+
+
+def recover_elsewhere(spool: Spool) -> list[str]:
+    """What ``recover`` moves when another process runs it."""
+    out, _ = _python(_RECOVERER, str(spool.root)).communicate(timeout=20)
+    [line] = [line for line in out.splitlines() if line.startswith("RECOVERED")]
+    return line.split()[1:]
+
+
+def test_closing_another_descriptor_of_the_lock_file_keeps_the_claim(spool: Spool) -> None:
+    """A process-owned POSIX lock would be gone after any close of the file in this process."""
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    for flags in (os.O_RDONLY, os.O_RDWR):
+        os.close(os.open(claim.path / LOCK_FILE, flags | os.O_CLOEXEC))
+    assert recover_elsewhere(spool) == []
+    assert claim.held and listing(spool.active) == ["s1"]
+    _die_holding(spool, claim)
+    assert recover_elsewhere(spool) == ["s1"]  # the probe itself can move an orphan
+
+
+_LOCK_HOLDER = """
+import fcntl, os, sys, time
+from caired.spool import _WHOLE_FILE_WRITE_LOCK
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE_WRITE_LOCK)
+print("LOCKED", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_lock_held_by_another_process_keeps_the_folder_in_active_until_it_is_killed(spool: Spool) -> None:
+    folder = make_folder(spool.active / "busy")
+    holder = _python(_LOCK_HOLDER, str(folder / LOCK_FILE))
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "LOCKED\n"
+        assert spool.recover() == []
+        assert listing(spool.active) == ["busy"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    assert spool.recover() == ["busy"]
+    assert listing(spool.active) == [] and listing(spool.incoming) == ["busy"]
+
+
+def test_a_folder_left_in_active_without_a_lock_file_is_recovered(spool: Spool) -> None:
+    """An older caired locked the folder itself with flock and made no lock file."""
+    folder = make_folder(spool.active / "old")
+    datapt_id = str(uuid.uuid4())
+    session = {"datapt_id": datapt_id, "attempts": 2, "first_claimed_at": "", "source": "drop", "name": "old"}
+    write_json_atomic(folder / SESSION_FILE, session)
+    assert spool.recover() == ["old"]
+    back = spool.incoming / "old"
+    assert (back / LOCK_FILE).is_file() and (back / READY_MARKER).exists()
+    again = spool.claim("old")
+    assert again is not None and (again.datapt_id, again.attempts) == (datapt_id, 2)
 
 
 def test_own_claims_are_not_recovered(spool: Spool) -> None:
@@ -516,6 +676,7 @@ def test_crash_after_the_outcome_file_finishes_the_move_exactly_once(
     folder = spool.root / parent / "s1"
     assert json.loads((folder / outcome).read_text())["datapt_id"] == claim.datapt_id
     assert not any(p.name.endswith(spool_module._TMP_SUFFIX) for p in folder.iterdir())
+    assert (folder / LOCK_FILE).is_file()  # temporaries go, the lock file stays
 
 
 def test_crash_before_the_outcome_file_streams_again(spool: Spool, clock: FakeClock) -> None:
@@ -576,7 +737,7 @@ def test_create_active_then_handoff_streams_later_like_a_drop(spool: Spool) -> N
     claim = spool.create_active("cam-1", source="camera")
     assert claim.held and claim.path == spool.active / "cam-1" and listing(spool.tmp) == []
     assert session_of(claim.path)["source"] == "camera"
-    assert spool.recover() == []  # locked from the start
+    assert spool.recover() == [] and recover_elsewhere(spool) == []  # locked from the start
     make_folder(claim.path / "sub")  # frames written as captured
     with structlog.testing.capture_logs() as logs:
         moved = spool.handoff(claim)
@@ -598,6 +759,21 @@ def test_recover_removes_abandoned_staging(spool: Spool) -> None:
     (spool.tmp / "someone-recording").mkdir()
     spool.recover()
     assert listing(spool.tmp) == ["someone-recording"]
+
+
+def test_recover_keeps_staging_being_built_and_removes_it_once_its_builder_is_gone(spool: Spool) -> None:
+    staging = spool.tmp / f"{spool_module._NEW_PREFIX}building"
+    make_folder(staging / "sub")
+    (staging / SESSION_FILE).write_text("{}")
+    fd = lock_elsewhere(staging)
+    try:
+        spool.recover()
+        assert listing(spool.tmp) == [staging.name]
+        assert listing(staging) == sorted([LOCK_FILE, SESSION_FILE, "sub"])
+    finally:
+        os.close(fd)
+    spool.recover()
+    assert listing(spool.tmp) == []
 
 
 # ---------------------------------------------------------------------------------------------
