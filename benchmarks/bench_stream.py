@@ -8,7 +8,8 @@ client as its own process, one after another, ``--repeat`` times, and prints the
 medians:
 
 - caired unpaced jpeg and raw, caired paced at 30 fps (send times recorded for the
-  jitter), and the notebook client unpaced jpeg and raw;
+  jitter), and the notebook client jpeg and raw as fast as it goes (a high FPS: it
+  has no unpaced mode);
 - the machine's limit: PNG decode + JPEG q90 encode of the same frames on every core
   in this process, no network.
 
@@ -242,8 +243,8 @@ def run_caired(port: int, directory: Path, frames: int, *, fmt: str, fps: int, t
     return result
 
 
-def run_notebook(port: int, directory: Path, frames: int, *, fmt: str) -> dict[str, Any]:
-    env = clean_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{port}/ws/", IMAGES_DIR=str(directory), FPS="0",
+def run_notebook(port: int, directory: Path, frames: int, *, fmt: str, fps: float) -> dict[str, Any]:
+    env = clean_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{port}/ws/", IMAGES_DIR=str(directory), FPS=f"{fps:g}",
                     FRAME_FORMAT=fmt, JPEG_QUALITY=str(QUALITY))
     result = run_child([sys.executable, str(HERE / "notebook_client.py")], env)
     started, finished = notebook_stream_seconds(result.pop("stdout"))
@@ -321,8 +322,13 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "caired-bench")
     parser.add_argument("--out", type=Path, help="write every run and the medians as JSON")
     parser.add_argument("--only", choices=CASES, action="append", help="run only these cases (repeatable)")
+    parser.add_argument("--notebook-fps", type=float, default=1000,
+                        help="the notebook client's FPS: it has no unpaced mode, so 'unpaced' is a high FPS "
+                             "(default 1000; it must stay below 2 x frames, or its prefill swallows the folder)")
     args = parser.parse_args()
     cases = args.only or list(CASES)
+    if not 0 < args.notebook_fps * 0.5 < args.frames:
+        parser.error(f"--notebook-fps must be above 0 and below {2 * args.frames} for {args.frames} frames")
 
     directory = ensure_frames(args.cache, args.frames)
     paths = frame_paths(directory)[: args.frames]
@@ -342,7 +348,7 @@ def main() -> int:
                         result = run_caired(port, directory, len(paths), fmt=fmt, fps=fps,
                                             trace=trace if paced else None)
                     else:
-                        result = run_notebook(port, directory, len(paths), fmt=fmt)
+                        result = run_notebook(port, directory, len(paths), fmt=fmt, fps=args.notebook_fps)
                     runs[case].append(result)
                     print(f"[{rep + 1}/{args.repeat}] {case:<18} {result['fps']:7.1f} frames/s "
                           f"{result['cpu_ms']:6.2f} CPU ms/frame {result['rss_mb']:6.1f} MB"
@@ -353,7 +359,8 @@ def main() -> int:
 
     limit = statistics.median(limits)
     summary = {case: medians(results) for case, results in runs.items()}
-    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs")
+    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs; "
+          f"the notebook client at FPS={args.notebook_fps:g}")
     print(table(summary, limit))
     if args.out:
         args.out.write_text(json.dumps({"frames": len(paths), "cores": os.cpu_count(), "limit_fps": limits,
