@@ -44,8 +44,8 @@ When is a dropped folder complete?
     mtime/ctime rule. On network filesystems the times come from the server's clock.
 
 Claiming (Maildir's way)
-    Several caired processes, on one machine or on several sharing the spool over NFS, may
-    share one spool. Ownership of a folder is a lock on its lock file ``.caired-lock``
+    Several caired processes may share one spool, on one machine or on several machines
+    mounting it over NFS. Ownership of a folder is a lock on its lock file ``.caired-lock``
     (hidden, inside the folder, so it travels with every rename). ``claim`` opens the folder
     in ``incoming/``, opens (creating it if need be) the lock file relative to the folder's
     descriptor, and takes a whole-file write lock on it with ``F_OFD_SETLK`` without waiting.
