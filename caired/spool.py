@@ -147,6 +147,7 @@ FOLDERS: Final = ("incoming", "active", "done", "failed", "tmp")
 
 _TMP_SUFFIX: Final = ".caired-tmp"  # atomic-write temporaries; recover() removes leftovers
 _NEW_PREFIX: Final = ".caired-new-"  # create_active() staging folders in tmp/
+_STAGING_GRACE: Final = 60.0  # seconds a staging folder is left alone: its builder locks it in microseconds
 _MAX_SUFFIX: Final = 10_000
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # Read-write: NFS grants a write lock only on a file open for writing. No symlinks followed.
@@ -726,7 +727,7 @@ class Spool:
                 fd = _lock_folder(dir_fd, staging)
             finally:
                 os.close(dir_fd)
-            if fd is None:  # only a staging cleaner racing us can hold it, or have removed it
+            if fd is None:  # a staging cleaner took it (a clock far off from the file server's)
                 raise FileNotFoundError(errno.ENOENT, "removed while being created", str(staging))
             claim = Claim(
                 name=name,
@@ -922,6 +923,9 @@ class Spool:
     def _clean_staging(self) -> None:
         """Remove the staging folders of create_active whose creator died (nobody holds their lock).
 
+        A staging folder younger than ``_STAGING_GRACE`` is left alone: between its ``mkdir``
+        and its lock, its builder does not hold it yet, and taking it then would break that
+        builder's create_active.
         Everything but the lock file goes while the lock is held; the lock file and the folder
         only after it is closed: NFS keeps an unlinked file that is still open as a ``.nfs...``
         file, which would keep the folder from ever being removed. Best effort: what is left
@@ -931,9 +935,12 @@ class Spool:
             entries = [e for e in os.scandir(self.tmp) if e.name.startswith(_NEW_PREFIX)]
         except OSError:
             return
+        now = self._clock()
         for entry in entries:
             path = Path(entry.path)
             try:
+                if now - entry.stat(follow_symlinks=False).st_mtime < _STAGING_GRACE:
+                    continue
                 dir_fd = os.open(path, _DIR_FLAGS)
             except OSError:
                 continue

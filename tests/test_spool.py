@@ -755,7 +755,10 @@ def test_create_active_takes_a_free_name(spool: Spool) -> None:
 
 
 def test_recover_removes_abandoned_staging(spool: Spool) -> None:
-    (spool.tmp / f"{spool_module._NEW_PREFIX}dead").mkdir()
+    dead = spool.tmp / f"{spool_module._NEW_PREFIX}dead"
+    dead.mkdir()
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
     (spool.tmp / "someone-recording").mkdir()
     spool.recover()
     assert listing(spool.tmp) == ["someone-recording"]
@@ -766,12 +769,27 @@ def test_recover_keeps_staging_being_built_and_removes_it_once_its_builder_is_go
     make_folder(staging / "sub")
     (staging / SESSION_FILE).write_text("{}")
     fd = lock_elsewhere(staging)
+    old = time.time() - 3600
+    os.utime(staging, (old, old))  # old enough: only its lock keeps it
     try:
         spool.recover()
         assert listing(spool.tmp) == [staging.name]
         assert listing(staging) == sorted([LOCK_FILE, SESSION_FILE, "sub"])
     finally:
         os.close(fd)
+    spool.recover()
+    assert listing(spool.tmp) == []
+
+
+def test_recover_leaves_a_young_unlocked_staging_folder_to_its_builder(spool: Spool, clock: FakeClock) -> None:
+    """Between create_active's mkdir and its lock, the folder is unlocked; a cleaner must not take it."""
+    staging = spool.tmp / f"{spool_module._NEW_PREFIX}just-made"
+    staging.mkdir()
+    clock.now = staging.stat().st_mtime + 1
+    spool.recover()
+    assert listing(spool.tmp) == [staging.name]
+    assert listing(staging) == []  # not even a lock file taken on the builder's behalf
+    clock.advance(spool_module._STAGING_GRACE)
     spool.recover()
     assert listing(spool.tmp) == []
 
