@@ -63,7 +63,8 @@ Claiming (Maildir's way)
     record locks would do. Unlike flock on a folder, Linux maps them onto NFS byte-range
     locks (NLM for NFSv3, NFSv4 locks), which the server arbitrates between machines; that
     needs a regular file open for writing, hence the lock file. A filesystem that refuses
-    even these locks makes ``claim`` fail with a SpoolError that says so.
+    even these locks (ENOLCK, EOPNOTSUPP..., or EACCES while nobody holds the lock) makes
+    ``claim`` and ``recover`` fail with a SpoolError that says so.
 
     The lock goes with its holder: kill -9 or a crash closes the descriptor and frees it at
     once on a local filesystem. On NFS the server frees the locks of a machine that died
@@ -155,6 +156,10 @@ _LOCK_FILE_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_LOCKS_ADVICE: Final = (
     "the spool must be on a filesystem with open file description locks "
     "(a local one, or NFS with locking enabled: not mounted with nolock or local_lock)"
+)
+_LOCKS_REFUSED_ADVICE: Final = (
+    "nobody holds that lock, so the filesystem or a security module (SELinux, AppArmor) refuses it; "
+    + _NO_LOCKS_ADVICE
 )
 
 WATCH_STEP_MS: Final = 200  # watcher thread wake-up: latency of events and of cancellation
@@ -291,12 +296,40 @@ _WHOLE_FILE_WRITE_LOCK: Final = bytes(_Flock(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0
 
 def _try_lock(fd: int) -> bool:
     """Take a whole-file OFD write lock on ``fd`` without waiting; False when another open file
-    description holds a lock on the file (in this process or any other, on any NFS client)."""
+    description holds a lock on the file (in this process or any other, on any NFS client).
+
+    A conflict is EAGAIN on Linux. POSIX also allows EACCES for it, but EACCES (or EPERM) may
+    instead mean that the filesystem or a security module refuses the lock, which would make
+    every folder look owned forever. So after EACCES or EPERM, ``F_OFD_GETLK`` asks whether
+    anyone holds a conflicting lock: if so it is held; if not, the lock is tried once more (the
+    holder may have let go just then) and then the PermissionError raised. Any other OSError
+    is raised as well.
+    """
+    try:
+        return _set_lock(fd)
+    except PermissionError:
+        if _lock_held_elsewhere(fd):
+            return False
+    try:
+        return _set_lock(fd)
+    except PermissionError:
+        if _lock_held_elsewhere(fd):
+            return False
+        raise
+
+
+def _set_lock(fd: int) -> bool:
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE_WRITE_LOCK)
-    except (BlockingIOError, PermissionError):  # EAGAIN, or EACCES from some filesystems: held
+    except BlockingIOError:  # EAGAIN: held
         return False
     return True
+
+
+def _lock_held_elsewhere(fd: int) -> bool:
+    """Does another open file description hold a lock that conflicts with a whole-file write lock?"""
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _WHOLE_FILE_WRITE_LOCK)
+    return bool(_Flock.from_buffer_copy(answer).l_type != fcntl.F_UNLCK)
 
 
 def _same_inode(fd: int, path: Path | str, *, dir_fd: int | None = None) -> bool:
@@ -332,6 +365,8 @@ def _lock_folder(dir_fd: int, path: Path) -> int | None:
             raise SpoolError(f"{lock_path} is not a regular file; remove it", path=lock_path)
         try:
             locked = _try_lock(fd)
+        except PermissionError as exc:  # EACCES, EPERM, and nobody holds the lock
+            raise _spool_error("lock", lock_path, exc, _LOCKS_REFUSED_ADVICE) from exc
         except OSError as exc:  # ENOLCK, EINVAL, EOPNOTSUPP...: no such locks on this filesystem
             raise _spool_error("lock", lock_path, exc, _NO_LOCKS_ADVICE) from exc
         if locked and _same_inode(dir_fd, path) and _same_inode(fd, LOCK_FILE, dir_fd=dir_fd):

@@ -383,6 +383,56 @@ def test_a_filesystem_without_locks_gives_a_one_line_spool_error(
     assert listing(spool.incoming) == ["s2"] and listing(spool.active) == ["s1"]
 
 
+def answer_eacces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make F_OFD_SETLK fail with EACCES, as POSIX allows for a conflict and as a filesystem or a
+    security module does that refuses the lock; F_OFD_GETLK still answers truly."""
+    real_fcntl = fcntl.fcntl
+
+    def fake(fd: int, command: int, arg: Any = 0) -> Any:
+        if command == fcntl.F_OFD_SETLK:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_fcntl(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", fake)
+
+
+def test_eacces_on_a_lock_someone_holds_means_held(
+    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = drop(spool, "s1")
+    busy = make_folder(spool.active / "busy")
+    holders = [lock_elsewhere(folder), lock_elsewhere(busy)]
+    try:
+        answer_eacces(monkeypatch)
+        assert spool.claim("s1") is None
+        assert Spool(spool.root, clock=clock).recover() == []
+        monkeypatch.undo()
+        assert listing(spool.incoming) == ["s1"] and listing(spool.active) == ["busy"]
+    finally:
+        for fd in holders:
+            os.close(fd)
+
+
+def test_eacces_on_a_lock_nobody_holds_is_a_refusal_not_a_folder_owned_forever(
+    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drop(spool, "s1")
+    orphan = spool.claim("s1")
+    assert orphan is not None
+    _die_holding(spool, orphan)
+    drop(spool, "s2")
+    answer_eacces(monkeypatch)
+    restarted = Spool(spool.root, clock=clock)
+    for attempt in (lambda: spool.claim("s2"), restarted.recover):
+        with pytest.raises(SpoolError) as info:
+            attempt()
+        err = info.value
+        assert err.errno == errno.EACCES and err.exit_code == ExitCode.CANT_CREATE
+        assert "\n" not in str(err) and LOCK_FILE in str(err) and "refuses it" in str(err)
+    monkeypatch.undo()
+    assert listing(spool.incoming) == ["s2"] and listing(spool.active) == ["s1"]
+
+
 def test_claim_with_a_busy_name_in_active_takes_a_suffix(spool: Spool) -> None:
     drop(spool, "s1")
     first = spool.claim("s1")
