@@ -161,6 +161,8 @@ _LOCKS_REFUSED_ADVICE: Final = (
     "nobody holds that lock, so the filesystem or a security module (SELinux, AppArmor) refuses it; "
     + _NO_LOCKS_ADVICE
 )
+# A path lookup failing so means the folder or file is no longer there (ESTALE: removed on the NFS server).
+_GONE: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
 
 WATCH_STEP_MS: Final = 200  # watcher thread wake-up: latency of events and of cancellation
 WATCH_DEBOUNCE_MS: Final = 1_000  # longest a stream of changes is grouped before a poke
@@ -179,9 +181,16 @@ class SpoolError(CairedError, OSError):
         self.errno = code
 
 
-def _spool_error(action: str, path: Path, exc: OSError, advice: str) -> SpoolError:
+class _LocksRefused(SpoolError):
+    """The filesystem refuses the lock itself (not: someone holds it). That is the same for every
+    folder of the spool, so ``recover`` lets it end the recovery instead of skipping the folder."""
+
+
+def _spool_error(
+    action: str, path: Path, exc: OSError, advice: str, *, kind: type[SpoolError] = SpoolError
+) -> SpoolError:
     reason = exc.strerror or str(exc)
-    return SpoolError(f"cannot {action} {path}: {reason}; {advice}", path=path, code=exc.errno)
+    return kind(f"cannot {action} {path}: {reason}; {advice}", path=path, code=exc.errno)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +346,10 @@ def _same_inode(fd: int, path: Path | str, *, dir_fd: int | None = None) -> bool
     Someone may have moved or replaced it meanwhile."""
     try:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return False
+        raise
     mine = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
@@ -349,7 +360,8 @@ def _lock_folder(dir_fd: int, path: Path) -> int | None:
     Returns the lock file's descriptor, whose closing releases the lock; None when another
     open file description holds the lock, when the folder has been removed, or when
     ``path`` no longer names this folder or the folder's lock file is no longer the file
-    locked. SpoolError when the lock file cannot be opened or the filesystem refuses the lock.
+    locked. SpoolError when the lock file cannot be opened (or is not a regular file), its
+    subclass _LocksRefused when the filesystem refuses the lock.
     """
     lock_path = path / LOCK_FILE
     try:
@@ -366,9 +378,9 @@ def _lock_folder(dir_fd: int, path: Path) -> int | None:
         try:
             locked = _try_lock(fd)
         except PermissionError as exc:  # EACCES, EPERM, and nobody holds the lock
-            raise _spool_error("lock", lock_path, exc, _LOCKS_REFUSED_ADVICE) from exc
+            raise _spool_error("lock", lock_path, exc, _LOCKS_REFUSED_ADVICE, kind=_LocksRefused) from exc
         except OSError as exc:  # ENOLCK, EINVAL, EOPNOTSUPP...: no such locks on this filesystem
-            raise _spool_error("lock", lock_path, exc, _NO_LOCKS_ADVICE) from exc
+            raise _spool_error("lock", lock_path, exc, _NO_LOCKS_ADVICE, kind=_LocksRefused) from exc
         if locked and _same_inode(dir_fd, path) and _same_inode(fd, LOCK_FILE, dir_fd=dir_fd):
             return fd
     except BaseException:
@@ -553,6 +565,7 @@ class Spool:
         self._looks: dict[str, _Look] = {}
         self._ignored: set[str] = set()
         self._held: set[tuple[int, int]] = set()  # inodes of this process's claims
+        self._unrecovered: dict[str, str] = {}  # folders of active/ recover() could not move: why
 
     @classmethod
     def from_config(cls, cfg: SpoolConfig) -> Spool:
@@ -879,8 +892,18 @@ class Spool:
         """Move on every folder of active/ whose owner died (nobody holds its lock): to done/
         if it holds result.json, to failed/ if error.json, else back to incoming/ (marked
         ``.ready``, session file kept). Also removes leftover staging of create_active.
-        Returns the names moved."""
+        Returns the names moved.
+
+        A folder that cannot be recovered (its lock file is a folder or a symlink or cannot be
+        opened, it cannot be moved...) is left in active/ with a warning ``folder_not_recovered``
+        (logged once while the reason stays the same), and the others are recovered all the same:
+        one bad folder must not keep the rest from being streamed, nor the daemon from starting.
+        SpoolError only for what is the same for every folder, so that skipping would only hide
+        it: active/ cannot be read, or the filesystem refuses the locks themselves (then no
+        folder can ever be claimed either, and the daemon had better stop and say so).
+        """
         moved: list[str] = []
+        failures: dict[str, str] = {}
         try:
             entries = list(os.scandir(self.active))
         except OSError as exc:
@@ -895,18 +918,35 @@ class Spool:
             with self._lock:
                 if (st.st_dev, st.st_ino) in self._held:  # ours: alive, and never reopened here
                     continue
-            if self._recover_one(Path(entry.path)):
-                moved.append(entry.name)
+            try:
+                if self._recover_one(Path(entry.path)):
+                    moved.append(entry.name)
+            except _LocksRefused:
+                raise
+            except OSError as exc:
+                failures[entry.name] = str(exc) if isinstance(exc, SpoolError) else exc.strerror or str(exc)
+        self._report_unrecovered(failures)
         self._clean_staging()
         return moved
+
+    def _report_unrecovered(self, failures: dict[str, str]) -> None:
+        """Warn about each folder of active/ that could not be recovered, once for as long as
+        it fails for the same reason: every periodic rescan would repeat it otherwise."""
+        with self._lock:
+            new = {name: reason for name, reason in failures.items() if self._unrecovered.get(name) != reason}
+            self._unrecovered = failures
+        for name, reason in new.items():
+            log.warning("folder_not_recovered", path=str(self.active / name), reason=reason)
 
     def _recover_one(self, path: Path) -> bool:
         """Move on the folder ``path`` of active/ if nobody holds its lock. A folder without a
         lock file (left by an older caired) gets one here, locked like any other."""
         try:
             dir_fd = os.open(path, _DIR_FLAGS)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+        except OSError as exc:
+            if exc.errno in _GONE:  # moved on by another process meanwhile
+                return False
+            raise
         try:
             st = os.fstat(dir_fd)
             fd = _lock_folder(dir_fd, path)

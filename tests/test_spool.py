@@ -586,6 +586,55 @@ def test_a_folder_left_in_active_without_a_lock_file_is_recovered(spool: Spool) 
     assert again is not None and (again.datapt_id, again.attempts) == (datapt_id, 2)
 
 
+@pytest.mark.parametrize("bad_lock_file", ["a folder", "a symlink"])
+def test_a_folder_that_cannot_be_recovered_does_not_stop_the_others(spool: Spool, bad_lock_file: str) -> None:
+    bad = make_folder(spool.active / "bad")
+    if bad_lock_file == "a folder":
+        (bad / LOCK_FILE).mkdir()
+    else:
+        (bad / LOCK_FILE).symlink_to(spool.root / "elsewhere")
+    make_folder(spool.active / "orphan")
+    staging = spool.tmp / f"{spool_module._NEW_PREFIX}dead"
+    staging.mkdir()
+    old = time.time() - 3600
+    os.utime(staging, (old, old))
+    with structlog.testing.capture_logs() as logs:
+        assert spool.recover() == ["orphan"]
+        assert spool.recover() == []  # still there, not warned about again
+    warnings = [e for e in logs if e["event"] == "folder_not_recovered"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert warnings[0]["path"] == str(bad) and "not a regular file" in warnings[0]["reason"]
+    assert listing(spool.active) == ["bad"] and listing(spool.incoming) == ["orphan"]
+    assert listing(spool.tmp) == [] and not (spool.root / "elsewhere").exists()
+    if bad_lock_file == "a folder":
+        (bad / LOCK_FILE).rmdir()
+    else:
+        (bad / LOCK_FILE).unlink()
+    assert spool.recover() == ["bad"]
+
+
+def test_a_lookup_gone_stale_on_nfs_means_the_folder_is_gone(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ESTALE: the name led to a file the NFS server has removed since (another machine did)."""
+    drop(spool, "s1")
+    make_folder(spool.active / "orphan")
+    real_stat = os.stat
+
+    def stale_lock_file(path: Any, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> os.stat_result:
+        if path == LOCK_FILE and dir_fd is not None:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real_stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+
+    monkeypatch.setattr(os, "stat", stale_lock_file)
+    with structlog.testing.capture_logs() as logs:
+        assert spool.claim("s1") is None
+        assert spool.recover() == []
+    monkeypatch.undo()
+    assert logs == []
+    assert listing(spool.incoming) == ["s1"] and listing(spool.active) == ["orphan"]
+    assert spool.recover() == ["orphan"]  # nothing was left locked
+    assert spool.claim("s1") is not None
+
+
 def test_own_claims_are_not_recovered(spool: Spool) -> None:
     drop(spool, "mine")
     claim = spool.claim("mine")
