@@ -64,7 +64,10 @@ Claiming (Maildir's way)
     locks (NLM for NFSv3, NFSv4 locks), which the server arbitrates between machines; that
     needs a regular file open for writing, hence the lock file. A filesystem that refuses
     even these locks (ENOLCK, EOPNOTSUPP..., or EACCES while nobody holds the lock) makes
-    ``claim`` and ``recover`` fail with a SpoolError that says so.
+    ``claim`` and ``recover`` fail with a SpoolError that says so. NFS mounted with
+    ``nolock`` or ``local_lock=posix|all`` refuses nothing: it keeps the locks on the client,
+    where other machines never see them, so ``prepare`` looks the spool's mount up in
+    ``/proc/self/mountinfo`` and refuses such a mount.
 
     The lock goes with its holder: kill -9 or a crash closes the descriptor and frees it at
     once on a local filesystem. On NFS the server frees the locks of a machine that died
@@ -117,6 +120,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -154,13 +158,15 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # Read-write: NFS grants a write lock only on a file open for writing. No symlinks followed.
 _LOCK_FILE_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_LOCKS_ADVICE: Final = (
-    "the spool must be on a filesystem with open file description locks "
-    "(a local one, or NFS with locking enabled: not mounted with nolock or local_lock)"
+    "the spool must be on a filesystem that grants open file description locks "
+    "(a local one, or NFS whose lock service works: NFSv4, or NFSv3 with rpc.statd running)"
 )
 _LOCKS_REFUSED_ADVICE: Final = (
     "nobody holds that lock, so the filesystem or a security module (SELinux, AppArmor) refuses it; "
     + _NO_LOCKS_ADVICE
 )
+_MOUNTINFO: Final = Path("/proc/self/mountinfo")
+_LOCAL_ONLY_LOCKS: Final = frozenset({"nolock", "local_lock=posix", "local_lock=all"})  # NFS options
 # A path lookup failing so means the folder or file is no longer there (ESTALE: removed on the NFS server).
 _GONE: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
 
@@ -390,6 +396,57 @@ def _lock_folder(dir_fd: int, path: Path) -> int | None:
     return None
 
 
+def _mount_of(path: Path, mountinfo: Path) -> tuple[str, str, frozenset[str]] | None:
+    """The mount that holds ``path`` (resolved): its mount point, filesystem type, and mount and
+    super options, as ``mountinfo`` (the format of /proc/self/mountinfo) lists it. None when the
+    table cannot be read (no /proc) or lists no mount above ``path``."""
+    try:
+        lines = mountinfo.read_bytes().splitlines()
+    except OSError:
+        return None
+    target = os.fsencode(path.resolve())
+    found: tuple[bytes, bytes, bytes, bytes] | None = None
+    for line in lines:
+        # id parent major:minor root mount-point mount-options [optional...] - fstype source super-options
+        fields = line.split(b" ")
+        try:
+            dash = fields.index(b"-", 6)
+            escaped, options, fstype, super_options = fields[4], fields[5], fields[dash + 1], fields[dash + 3]
+        except (ValueError, IndexError):
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), escaped)  # \040 is a space
+        if target != point and not target.startswith(point.rstrip(b"/") + b"/"):
+            continue
+        if found is None or len(point) >= len(found[0]):  # the deepest; of equal ones the last, on top
+            found = (point, options, fstype, super_options)
+    if found is None:
+        return None
+    point, options, fstype, super_options = found
+    names = frozenset(os.fsdecode(o) for o in (*options.split(b","), *super_options.split(b",")))
+    return os.fsdecode(point), os.fsdecode(fstype), names
+
+
+def _check_shared_locks(root: Path, mountinfo: Path) -> None:
+    """SpoolError if ``root`` is on an NFS mount whose byte-range locks stay on this machine.
+
+    NFS mounted with ``nolock`` or ``local_lock=posix|all`` does not refuse locks: it grants
+    them locally and never asks the server, so two machines would both hold a folder's lock
+    and stream it twice. Nothing in the locks themselves shows it; the mount options do.
+    """
+    mount = _mount_of(root, mountinfo)
+    if mount is None:
+        return
+    point, fstype, options = mount
+    local = sorted(options & _LOCAL_ONLY_LOCKS)
+    if fstype in ("nfs", "nfs4") and local:
+        raise SpoolError(
+            f"the spool {root} is on an NFS mount ({point}, {','.join(local)}) whose locks only this machine "
+            "sees, so other machines would stream the same folders; remount it without nolock and local_lock",
+            path=root,
+            code=errno.ENOLCK,
+        )
+
+
 def _remove_all_but_the_lock_file(folder: Path) -> None:
     with os.scandir(folder) as entries:
         for entry in entries:
@@ -576,10 +633,12 @@ class Spool:
 
     # -- setting up ------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def prepare(self, *, mountinfo: Path | str = _MOUNTINFO) -> None:
         """Create the spool folders (mode 0o770 less the umask; setgid on incoming/ and tmp/).
 
-        SpoolError (exit code 73) with a one-line message if they cannot be created or written.
+        SpoolError (exit code 73) with a one-line message if they cannot be created or written,
+        or if the spool is on an NFS mount whose locks only this machine sees (``mountinfo``:
+        the mount table to look in).
         """
         advice = "create it writable for caired's user, or set [spool] dir to a writable folder"
         for path in (self.root, *(self.root / name for name in FOLDERS)):
@@ -607,6 +666,7 @@ class Spool:
                 path=self.root,
                 code=errno.EXDEV,
             )
+        _check_shared_locks(self.root, Path(mountinfo))
 
     # -- incoming/ -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import structlog
@@ -124,6 +124,85 @@ def test_prepare_reports_an_unusable_spool(tmp_path: Path) -> None:
     assert err.exit_code == ExitCode.CANT_CREATE and int(err.exit_code) == 73
     assert err.errno == errno.ENOTDIR
     assert "[spool] dir" in str(err) and "\n" not in str(err)
+
+
+_NFS4: Final = "rw,vers=4.2,rsize=1048576,wsize=1048576,namlen=255,hard,proto=tcp,timeo=600,retrans=2,sec=sys"
+
+
+def fake_mountinfo(tmp_path: Path, *mounts: tuple[Path | str, str, str]) -> Path:
+    """A mount table in /proc/self/mountinfo's format with (mount point, fstype, super options)
+    for each mount, in this order."""
+    lines = ["1 0 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"]
+    for i, (point, fstype, options) in enumerate(mounts, start=2):
+        escaped = str(point).replace("\\", "\\134").replace(" ", "\\040")
+        lines.append(f"{i} 1 0:{i} / {escaped} rw,relatime shared:{i} master:1 - {fstype} server:/export {options}")
+    path = tmp_path / "mountinfo"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fstype", "options"),
+    [
+        ("nfs4", f"{_NFS4},clientaddr=10.0.0.2,local_lock=all,addr=10.0.0.1"),
+        ("nfs4", f"{_NFS4},local_lock=posix,addr=10.0.0.1"),
+        ("nfs", "rw,vers=3,hard,nolock,proto=tcp,local_lock=all,addr=10.0.0.1"),
+        ("nfs", "rw,vers=3,hard,nolock,proto=tcp,addr=10.0.0.1"),
+    ],
+    ids=["local_lock=all", "local_lock=posix", "nolock and local_lock=all", "nolock"],
+)
+def test_prepare_refuses_an_nfs_mount_whose_locks_stay_on_this_machine(
+    tmp_path: Path, fstype: str, options: str
+) -> None:
+    mount = tmp_path.resolve() / "nfs share"
+    mountinfo = fake_mountinfo(tmp_path, (mount, fstype, options))
+    s = Spool(mount / "spool")
+    with pytest.raises(SpoolError) as info:
+        s.prepare(mountinfo=mountinfo)
+    err = info.value
+    assert err.exit_code == ExitCode.CANT_CREATE and err.errno == errno.ENOLCK and "\n" not in str(err)
+    assert str(mount) in str(err) and "remount it without nolock and local_lock" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("fstype", "options"),
+    [
+        ("nfs4", f"{_NFS4},clientaddr=10.0.0.2,local_lock=none,addr=10.0.0.1"),
+        ("nfs4", f"{_NFS4},local_lock=flock,addr=10.0.0.1"),  # flock is not what caired uses
+        ("ext4", "rw,errors=remount-ro"),
+    ],
+    ids=["nfs4 local_lock=none", "nfs4 local_lock=flock", "ext4"],
+)
+def test_prepare_accepts_a_mount_with_shared_or_local_locks(tmp_path: Path, fstype: str, options: str) -> None:
+    mount = tmp_path.resolve() / "share"
+    Spool(mount / "spool").prepare(mountinfo=fake_mountinfo(tmp_path, (mount, fstype, options)))
+
+
+def test_prepare_looks_at_the_mount_the_spool_is_on(tmp_path: Path) -> None:
+    """The deepest mount point above the spool, by whole path components, and of two mounts on one
+    point the later one (mounted on top); a missing table (no /proc) checks nothing."""
+    local_locks = f"{_NFS4},local_lock=all"
+    base = tmp_path.resolve()
+    spool = Spool(base / "outer" / "inner" / "spool")
+    inner_is_local = fake_mountinfo(
+        tmp_path, (base / "outer", "nfs4", local_locks), (base / "outer" / "inner", "ext4", "rw")
+    )
+    spool.prepare(mountinfo=inner_is_local)
+    inner_is_nfs = fake_mountinfo(
+        tmp_path, (base / "outer", "ext4", "rw"), (base / "outer" / "inner", "nfs4", local_locks)
+    )
+    with pytest.raises(SpoolError, match="inner"):
+        spool.prepare(mountinfo=inner_is_nfs)
+    a_sibling_sharing_a_prefix = fake_mountinfo(tmp_path, (base / "outer" / "inn", "nfs4", local_locks))
+    spool.prepare(mountinfo=a_sibling_sharing_a_prefix)
+    local_mounted_over_nfs = fake_mountinfo(
+        tmp_path, (base / "outer", "nfs4", local_locks), (base / "outer", "ext4", "rw")
+    )
+    spool.prepare(mountinfo=local_mounted_over_nfs)
+    nfs_mounted_over_local = fake_mountinfo(tmp_path, (base / "outer", "ext4", "rw"), (base / "outer", "nfs", "nolock"))
+    with pytest.raises(SpoolError):
+        spool.prepare(mountinfo=nfs_mounted_over_local)
+    spool.prepare(mountinfo=tmp_path / "no such table")
 
 
 def test_counts(spool: Spool) -> None:
