@@ -76,11 +76,15 @@ Claiming (Maildir's way)
     only when the dead machine boots again and its statd tells the server, so prefer NFSv4.
     A live machine cut off from the server for longer than the lease loses its locks the
     same way, and its folders may be streamed again elsewhere. The checks by name go through
-    the NFS client's lookup cache, which may lag the server by up to ``acdirmax`` (60 s):
-    if one machine claims and finishes a folder and another folder is dropped under the
-    same name within that time, a machine whose cache still shows the first folder may
-    lock that one and move the new one. Mount the spool with ``lookupcache=none`` (every
-    name checked with the server) where names are reused that quickly.
+    the NFS client's lookup cache, which may lag the server by up to ``acdirmax`` (60 s)
+    after a name comes to mean another folder, while renames go by name on the server. So
+    once a folder has been claimed and finished and another is dropped under its name, a
+    machine whose cache still shows the first folder may, in ``claim``, lock that one and
+    move the new one; and, in ``recover``, find the first folder's lock free under the
+    name in ``active/`` and move back to ``incoming/`` the folder another machine is
+    streaming under that name now, which then gets streamed twice. Mount the spool with
+    ``lookupcache=none`` (every name checked with the server) whenever droppers may reuse
+    folder names.
 
     The lock file of a session folder is never deleted, also not in ``done/`` and
     ``failed/``: it is empty and hidden, another process may have just opened it, and
@@ -107,6 +111,9 @@ Crash safety (kill -9, power loss, full disk)
     ``release``) move it to ``done/`` and never stream it again; likewise ``error.json``
     -> ``failed/``. Moves into ``incoming/``, ``done/`` and ``failed/`` never replace an
     existing folder (``renameat2(RENAME_NOREPLACE)``; ``X.1``, ``X.2``... on a clash).
+    NFS has no ``RENAME_NOREPLACE``, so there the name is checked, then renamed, and an
+    *empty* folder made under that name in between (or hidden from the check by the lookup
+    cache) is replaced; a folder with anything in it never is.
     Frames of done sessions are deleted (``keep_frames = false``) only after the move, so
     a crash leaves a done folder with its frames, never a half folder.
 """
@@ -262,7 +269,9 @@ if _renameat2 is not None:
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists (never replaces it)."""
+    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists. Never replaces it where the
+    filesystem has ``RENAME_NOREPLACE``; elsewhere (NFS) an empty folder created at ``dst``
+    just now may be replaced."""
     if _renameat2 is not None:
         if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
