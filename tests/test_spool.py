@@ -373,7 +373,8 @@ def locks_on(path: Path) -> list[tuple[str, str, str, str]]:
 def test_claim_skips_a_folder_locked_by_another_claimer(spool: Spool) -> None:
     """The loser of the lock race (the winner locked it but has not renamed it yet) skips it.
     The winner here is this very process, through another open file description: OFD locks
-    conflict there, where process-owned POSIX locks would let the claim through."""
+    conflict there, where claims taking process-owned POSIX locks (F_SETLK) would each be
+    granted the lock again."""
     folder = drop(spool, "s1")
     fd = lock_elsewhere(folder)
     try:
