@@ -759,9 +759,9 @@ class Spool:
         src = self.incoming / name
         try:
             dir_fd = os.open(src, _DIR_FLAGS)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
         except OSError as exc:
+            if exc.errno in _GONE:  # taken or removed meanwhile (ESTALE: by another machine, on NFS)
+                return None
             raise _spool_error("open", src, exc, "let caired's group read dropped folders") from exc
         fd: int | None = None
         try:
@@ -773,7 +773,7 @@ class Spool:
         except OSError as exc:
             if fd is not None:
                 os.close(fd)
-            if isinstance(exc, FileNotFoundError):  # moved away by someone else after our check
+            if exc.errno in _GONE:  # moved away by someone else after our check
                 return None
             if isinstance(exc, SpoolError):
                 raise

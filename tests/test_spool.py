@@ -715,6 +715,24 @@ def test_a_lookup_gone_stale_on_nfs_means_the_folder_is_gone(spool: Spool, monke
     assert spool.claim("s1") is not None
 
 
+def test_a_dropped_folder_gone_stale_on_nfs_is_skipped(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ESTALE on opening incoming/X: another machine took or removed it; not an error, not a claim."""
+    drop(spool, "s1")
+    real_open = os.open
+    stale = str(spool.incoming / "s1")
+
+    def open_stale(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if str(path) == stale:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_stale)
+    assert spool.claim("s1") is None
+    monkeypatch.undo()
+    assert listing(spool.incoming) == ["s1"]
+    assert spool.claim("s1") is not None
+
+
 def test_own_claims_are_not_recovered(spool: Spool) -> None:
     drop(spool, "mine")
     claim = spool.claim("mine")
