@@ -172,7 +172,7 @@ _LOCKS_REFUSED_ADVICE: Final = (
     "nobody holds that lock, so the filesystem or a security module (SELinux, AppArmor) refuses it; "
     + _NO_LOCKS_ADVICE
 )
-_MOUNTINFO: Final = Path("/proc/self/mountinfo")
+MOUNTINFO: Final = Path("/proc/self/mountinfo")
 _LOCAL_ONLY_LOCKS: Final = frozenset({"nolock", "local_lock=posix", "local_lock=all"})  # NFS options
 # A path lookup failing so means the folder or file is no longer there (ESTALE: removed on the NFS server).
 _GONE: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
@@ -435,7 +435,7 @@ def _mount_of(path: Path, mountinfo: Path) -> tuple[str, str, frozenset[str]] | 
     return os.fsdecode(point), os.fsdecode(fstype), names
 
 
-def _check_shared_locks(root: Path, mountinfo: Path) -> None:
+def check_shared_locks(root: Path, mountinfo: Path = MOUNTINFO) -> None:
     """SpoolError if ``root`` is on an NFS mount whose byte-range locks stay on this machine.
 
     NFS mounted with ``nolock`` or ``local_lock=posix|all`` does not refuse locks: it grants
@@ -642,7 +642,7 @@ class Spool:
 
     # -- setting up ------------------------------------------------------------------------------
 
-    def prepare(self, *, mountinfo: Path | str = _MOUNTINFO) -> None:
+    def prepare(self, *, mountinfo: Path | str = MOUNTINFO) -> None:
         """Create the spool folders (mode 0o770 less the umask; setgid on incoming/ and tmp/).
 
         SpoolError (exit code 73) with a one-line message if they cannot be created or written,
@@ -675,7 +675,7 @@ class Spool:
                 path=self.root,
                 code=errno.EXDEV,
             )
-        _check_shared_locks(self.root, Path(mountinfo))
+        check_shared_locks(self.root, Path(mountinfo))
 
     # -- incoming/ -------------------------------------------------------------------------------
 

@@ -291,3 +291,18 @@ def test_malformed_url_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureF
     code, _, err = run(capsys, "--config", str(path))
     assert code == ExitCode.CONFIG
     assert err.startswith(f"caired check-config: backend.url (from file {path}): must be a ws:// or wss:// URL")
+
+
+def test_a_spool_on_an_nfs_mount_with_local_only_locks_is_a_problem(tmp_path: Path) -> None:
+    """The daemon would refuse it at start (Spool.prepare); check-config says so beforehand."""
+    share = tmp_path.resolve() / "share"
+    (share / "spool").mkdir(parents=True)
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        f"2 1 0:40 / {share} rw,relatime - nfs4 server:/export rw,vers=4.2,local_lock=all,addr=10.0.0.1\n"
+    )
+    problem = check_config._spool_problem(share / "spool", table)
+    assert problem is not None and "local_lock=all" in problem and "remount it without nolock" in problem
+    table.write_text(table.read_text().replace("local_lock=all", "local_lock=none"))
+    assert check_config._spool_problem(share / "spool", table) is None

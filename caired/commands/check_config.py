@@ -26,7 +26,7 @@ import attrs
 from caired.cli import add_common, command
 from caired.config import Config, Secret, iter_fields, key_file_warning
 from caired.errors import ConfigError, ExitCode
-from caired.spool import FOLDERS
+from caired.spool import FOLDERS, MOUNTINFO, SpoolError, check_shared_locks
 
 PROG: Final = "caired check-config"
 
@@ -97,12 +97,16 @@ def _where(cfg: Config, key: str, problem: str) -> str:
     return str(ConfigError(key, cfg.sources.get(key, ""), problem))
 
 
-def _spool_problem(root: Path) -> str | None:
-    """Why the daemon could not use ``root`` as its spool, or None."""
+def _spool_problem(root: Path, mountinfo: Path = MOUNTINFO) -> str | None:
+    """Why the daemon could not use ``root`` as its spool, or None (``mountinfo``: the mount table)."""
     if not root.exists():
         return _creatable_problem(root)
     if not root.is_dir():
         return f"{root} is not a folder"
+    try:
+        check_shared_locks(root, mountinfo)
+    except SpoolError as exc:
+        return str(exc)
     try:
         fd, probe = tempfile.mkstemp(prefix=".caired-check-", dir=root)
     except OSError as exc:
