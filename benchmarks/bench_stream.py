@@ -322,12 +322,15 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "caired-bench")
     parser.add_argument("--out", type=Path, help="write every run and the medians as JSON")
     parser.add_argument("--only", choices=CASES, action="append", help="run only these cases (repeatable)")
-    parser.add_argument("--notebook-fps", type=float, default=1000,
+    parser.add_argument("--notebook-fps", type=float,
                         help="the notebook client's FPS: it has no unpaced mode, so 'unpaced' is a high FPS "
-                             "(default 1000; it must stay below 2 x frames, or its prefill swallows the folder)")
+                             "(default: as many as there are frames, 1000; below 2 x frames, or its prefill "
+                             "swallows the folder)")
     args = parser.parse_args()
     cases = args.only or list(CASES)
-    if not 0 < args.notebook_fps * 0.5 < args.frames:
+    if args.notebook_fps is None:
+        args.notebook_fps = float(args.frames)
+    if any(case.startswith("notebook") for case in cases) and not 0 < args.notebook_fps * 0.5 < args.frames:
         parser.error(f"--notebook-fps must be above 0 and below {2 * args.frames} for {args.frames} frames")
 
     directory = ensure_frames(args.cache, args.frames)
@@ -359,8 +362,9 @@ def main() -> int:
 
     limit = statistics.median(limits)
     summary = {case: medians(results) for case, results in runs.items()}
-    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs; "
-          f"the notebook client at FPS={args.notebook_fps:g}")
+    with_notebook = any(case.startswith("notebook") for case in cases)
+    notebook = f"; the notebook client at FPS={args.notebook_fps:g}" if with_notebook else ""
+    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs{notebook}")
     print(table(summary, limit))
     if args.out:
         args.out.write_text(json.dumps({"frames": len(paths), "cores": os.cpu_count(), "limit_fps": limits,
