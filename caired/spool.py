@@ -369,6 +369,10 @@ def _same_inode(fd: int, path: Path | str, *, dir_fd: int | None = None) -> bool
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+def _not_a_lock_file(lock_path: Path, code: int | None = None) -> SpoolError:
+    return SpoolError(f"{lock_path} is not a regular file; remove it", path=lock_path, code=code)
+
+
 def _lock_folder(dir_fd: int, path: Path) -> int | None:
     """Lock the folder open as ``dir_fd`` (found at ``path``) through its lock file.
 
@@ -385,11 +389,11 @@ def _lock_folder(dir_fd: int, path: Path) -> int | None:
         if exc.errno in (errno.ENOENT, errno.ESTALE):  # the folder was removed (on NFS: by another machine)
             return None
         if exc.errno in (errno.ELOOP, errno.EISDIR):
-            raise SpoolError(f"{lock_path} is not a regular file; remove it", path=lock_path, code=exc.errno) from exc
+            raise _not_a_lock_file(lock_path, exc.errno) from exc
         raise _spool_error("open", lock_path, exc, "let caired's group write dropped folders") from exc
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpoolError(f"{lock_path} is not a regular file; remove it", path=lock_path)
+            raise _not_a_lock_file(lock_path)
         try:
             locked = _try_lock(fd)
         except PermissionError as exc:  # EACCES, EPERM, and nobody holds the lock

@@ -438,15 +438,20 @@ def test_claim_gives_up_when_what_it_locked_is_no_longer_in_place(
     assert spool.claim("s1") is not None  # nothing was left locked
 
 
-@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP], ids=errno.errorcode.get)
-def test_a_filesystem_without_locks_gives_a_one_line_spool_error(
-    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, code: int
-) -> None:
+def orphan_in_active_and_one_dropped(spool: Spool) -> None:
+    """active/s1, whose owner died holding it, and incoming/s2: one folder for recover, one for claim."""
     drop(spool, "s1")
     orphan = spool.claim("s1")
     assert orphan is not None
     _die_holding(spool, orphan)
     drop(spool, "s2")
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP], ids=errno.errorcode.get)
+def test_a_filesystem_without_locks_gives_a_one_line_spool_error(
+    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    orphan_in_active_and_one_dropped(spool)
 
     def refuse(fd: int, command: int, arg: Any = 0) -> Any:
         raise OSError(code, os.strerror(code))
@@ -496,11 +501,7 @@ def test_eacces_on_a_lock_someone_holds_means_held(
 def test_eacces_on_a_lock_nobody_holds_is_a_refusal_not_a_folder_owned_forever(
     spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    drop(spool, "s1")
-    orphan = spool.claim("s1")
-    assert orphan is not None
-    _die_holding(spool, orphan)
-    drop(spool, "s2")
+    orphan_in_active_and_one_dropped(spool)
     answer_eacces(monkeypatch)
     restarted = Spool(spool.root, clock=clock)
     for attempt in (lambda: spool.claim("s2"), restarted.recover):
