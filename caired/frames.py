@@ -1,14 +1,13 @@
 """Frames: listing a folder, ordering, reading, encoding; and the bounded encode pipeline.
 
 The per-frame functions are pure and thread-safe: PNG decoding, JPEG encoding and
-base64 run in worker threads (cv2 and binascii release the GIL), so both cores work
+base64 run in worker threads (cv2 releases the GIL), so both cores work
 while the event loop only sends. Raw mode never decodes an image: it checks the PNG
 signature and trailer and sends the file's bytes untouched.
 """
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from typing import Final, Literal, TypeVar
 
 import attrs
 import numpy as np
+import pybase64
 import trio
 
 from caired._trio import open_nursery
@@ -84,7 +84,7 @@ def read_raw(ref: FrameRef) -> EncodedFrame:
         raise FrameError(ref.path.name, "not a PNG file")
     if not data.rstrip(b"\x00").endswith(PNG_TRAILER):
         raise FrameError(ref.path.name, "truncated PNG (no IEND chunk)")
-    return EncodedFrame(ref.timestamp, base64.b64encode(data).decode("ascii"))
+    return EncodedFrame(ref.timestamp, pybase64.b64encode_as_string(data))
 
 
 def read_jpeg(ref: FrameRef, quality: int) -> EncodedFrame:
@@ -105,7 +105,7 @@ def encode_image(image: np.ndarray, timestamp: str, quality: int, *, name: str =
     ok, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:
         raise FrameError(name or timestamp, "JPEG encoding failed")
-    return EncodedFrame(timestamp, base64.b64encode(buf.tobytes()).decode("ascii"))
+    return EncodedFrame(timestamp, pybase64.b64encode_as_string(buf))
 
 
 def encoder(fmt: Format, quality: int) -> Callable[[FrameRef], EncodedFrame]:
