@@ -23,7 +23,7 @@ import trio
 from caired._trio import open_nursery
 from caired.errors import FrameError, NoFramesError
 
-FRAME_NAME: Final = re.compile(r"^(\d+(?:\.\d+)?)\.png$", re.IGNORECASE)
+FRAME_NAME: Final = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\.png\Z", re.IGNORECASE)
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 PNG_TRAILER: Final = b"IEND\xaeB`\x82"
 

@@ -20,8 +20,8 @@ REDACTED: Final = "***"
 STATE_STREAM: Final = "stream"
 STATE_END: Final = "end"
 PAYLOAD_KEYS: Final = frozenset({"datapt_id", "state", "frame_data", "timestamp", "advanced"})
-UUID4_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-TIMESTAMP_RE: Final = re.compile(r"^\d+(\.\d+)?$")
+UUID4_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
+TIMESTAMP_RE: Final = re.compile(r"^[0-9]+(\.[0-9]+)?\Z")  # ASCII digits only; no trailing newline
 
 State = Literal["stream", "end"]
 

@@ -24,6 +24,15 @@ def test_frames_are_ordered_by_the_numeric_value_of_their_stem(tmp_path: Path) -
     assert listing.ignored == 3  # readme.txt, abc.png, 1.2.3.png; .ready is ours
 
 
+def test_only_ascii_digits_make_a_frame_name(tmp_path: Path) -> None:
+    """``\\d`` would take Arabic-Indic digits and ``$`` a trailing newline: neither is a UNIX time."""
+    for name in ["1.5.png", "\u0661\u0662.png", "12.png\n", "\uff11\uff12.png"]:
+        (tmp_path / name).write_bytes(b"")
+    listing = list_frames(tmp_path)
+    assert [f.timestamp for f in listing.frames] == ["1.5"]
+    assert listing.ignored == 3
+
+
 def test_a_missing_folder_is_a_no_frames_error(tmp_path: Path) -> None:
     with pytest.raises(NoFramesError, match="no such folder"):
         list_frames(tmp_path / "nope")

@@ -41,6 +41,17 @@ def test_message_refuses_a_bad_datapt_id(bad: str) -> None:
         encode_message(bad, "stream", "", "1.0", True)
 
 
+@pytest.mark.parametrize("bad", ["1.5\n", "\u0661\u0662", "1.", ".5", "-1", "1e9"])
+def test_message_refuses_a_timestamp_that_is_not_ascii_unix_seconds(bad: str) -> None:
+    with pytest.raises(ValueError, match="timestamp"):
+        encode_message(new_datapt_id(), "stream", "", bad, True)
+
+
+def test_a_datapt_id_with_a_trailing_newline_is_refused() -> None:
+    with pytest.raises(ValueError, match="datapt_id"):
+        encode_message(new_datapt_id() + "\n", "stream", "", "1.0", True)
+
+
 def test_url_keeps_the_base_query_and_adds_the_key() -> None:
     url = build_url("wss://host:8003/ws/?region=eu", api_key="k/+=&", auth="query", client="caired")
     assert url == "wss://host:8003/ws/?region=eu&client=caired&api_key=k%2F%2B%3D%26"
