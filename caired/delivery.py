@@ -22,7 +22,7 @@ import trio
 
 from caired.config import Config
 from caired.errors import BackendUnavailable, FrameError, KeyRejected, NoFramesError, SessionError
-from caired.frames import EncodedFrame, FrameRef, encode_pipeline, encoder, list_frames
+from caired.frames import RAW_BATCH, EncodedFrame, FrameRef, encode_pipeline, encoder, list_frames
 from caired.protocol import Answer
 from caired.session import Feed, Finished, Tally, stream
 from caired.uplink import Gate, connect, endpoint
@@ -67,7 +67,10 @@ class FolderSource:
     async def open(self) -> AsyncIterator[Feed]:
         stream_cfg = self.cfg.stream
         encode = encoder(stream_cfg.format, stream_cfg.jpeg_quality)
-        async with encode_pipeline(self.frames, encode, depth=stream_cfg.send_queue, limiter=self.limiter) as chan:
+        batch = RAW_BATCH if stream_cfg.format == "raw" else 1
+        async with encode_pipeline(
+            self.frames, encode, depth=stream_cfg.send_queue, limiter=self.limiter, batch=batch
+        ) as chan:
             yield Feed(chan, self._skip)
 
     def _skip(self, error: FrameError) -> None:

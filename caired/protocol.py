@@ -30,22 +30,26 @@ def new_datapt_id() -> str:
     return str(uuid.uuid4())
 
 
-def encode_message(datapt_id: str, state: State, frame_b64: str, timestamp: str, advanced: bool) -> str:
-    """One client message, byte for byte what ``json.dumps`` of the five keys gives."""
+def message_parts(
+    datapt_id: str, state: State, frame_b64: bytes, timestamp: str, advanced: bool
+) -> tuple[bytes, bytes, bytes]:
+    """One client message in three pieces (before the frame, the frame, after it).
+
+    Joined, they are byte for byte what ``json.dumps`` of the five keys gives, as UTF-8.
+    Kept apart, the frame (a megabyte in raw mode) is copied once, into the WebSocket frame.
+    """
     if not UUID4_RE.match(datapt_id):
         raise ValueError(f"datapt_id is not a canonical UUIDv4: {datapt_id!r}")
     if not TIMESTAMP_RE.match(timestamp):
         raise ValueError(f"timestamp is not UNIX seconds: {timestamp!r}")
-    return "".join(
-        (
-            '{"datapt_id": "', datapt_id,
-            '", "state": "', state,
-            '", "frame_data": "', frame_b64,
-            '", "timestamp": "', timestamp,
-            '", "advanced": ', "true" if advanced else "false",
-            "}",
-        )
-    )
+    head = f'{{"datapt_id": "{datapt_id}", "state": "{state}", "frame_data": "'
+    tail = f'", "timestamp": "{timestamp}", "advanced": {"true" if advanced else "false"}}}'
+    return head.encode("ascii"), frame_b64, tail.encode("ascii")
+
+
+def encode_message(datapt_id: str, state: State, frame_b64: bytes, timestamp: str, advanced: bool) -> bytes:
+    """One client message as UTF-8 JSON; see ``message_parts``."""
+    return b"".join(message_parts(datapt_id, state, frame_b64, timestamp, advanced))
 
 
 def build_url(base: str, *, api_key: str, auth: str, client: str) -> str:

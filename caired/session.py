@@ -23,8 +23,9 @@ import trio_websocket
 from caired._trio import open_nursery
 from caired.errors import FinishTimeout, FrameError, NoFramesError, SessionError
 from caired.frames import EncodedFrame, Result
-from caired.protocol import STATE_END, STATE_STREAM, Answer, encode_message, parse_answer
+from caired.protocol import STATE_END, STATE_STREAM, Answer, message_parts, parse_answer
 from caired.uplink import classify_closed
+from caired.wire import send_text
 
 log = structlog.get_logger()
 
@@ -186,7 +187,7 @@ async def _send(
         frame = ready.pop(0) if ready else await feed.next()
         if frame is None:
             break
-        message = encode_message(datapt_id, STATE_STREAM, frame.data, frame.timestamp, advanced)  # before the wait
+        message = message_parts(datapt_id, STATE_STREAM, frame.data, frame.timestamp, advanced)  # before the wait
         if fps > 0:
             await trio.sleep_until(t0 + index / fps)
         await _send_one(ws, shared, message)
@@ -195,15 +196,15 @@ async def _send(
         index += 1
         tally.sent, tally.skipped = index, feed.skipped
     assert last is not None
-    message = encode_message(datapt_id, STATE_END, last.data, last.timestamp, advanced)
+    message = message_parts(datapt_id, STATE_END, last.data, last.timestamp, advanced)
     if fps > 0:
         await trio.sleep_until(t0 + index / fps)
     await _send_one(ws, shared, message)
 
 
-async def _send_one(ws: Socket, shared: _Shared, message: str) -> None:
+async def _send_one(ws: Socket, shared: _Shared, message: tuple[bytes, bytes, bytes]) -> None:
     try:
-        await ws.send_message(message)
+        await send_text(ws, message)
     except trio_websocket.ConnectionClosed as exc:
         shared.fail(classify_closed(exc.reason))
         await trio.lowlevel.checkpoint()  # the attempt is over: this raises Cancelled

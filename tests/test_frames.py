@@ -91,10 +91,59 @@ async def test_pipeline_holds_at_most_depth_frames_ahead(frames: Callable[..., P
 
     def encode(ref: object) -> EncodedFrame:
         started.append(1)
-        return EncodedFrame("1", "")
+        return EncodedFrame("1", b"")
 
     async with encode_pipeline(refs, encode, depth=4, limiter=trio.CapacityLimiter(2)) as results:
         await results.receive()
         await trio.sleep(0.2)  # let the producer run as far ahead as it may
         # one delivered, 4 queued slots (depth), one waiting to be handed over, one being produced
         assert len(started) <= 4 + 3
+
+
+async def test_a_batched_pipeline_keeps_order_and_errors_and_hops_once_per_batch(
+    frames: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs = list_frames(frames(10)).frames
+    refs[6].path.write_bytes(b"broken")
+    hops: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+        hops.append(args)
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    seen: list[str] = []
+    async with encode_pipeline(refs, encoder("raw", 90), depth=8, limiter=trio.CapacityLimiter(2), batch=4) as chan:
+        async for result in chan:
+            seen.append(result.timestamp if isinstance(result, EncodedFrame) else f"error:{result.name}")
+    assert seen == [f"error:{r.path.name}" if i == 6 else r.timestamp for i, r in enumerate(refs)]
+    assert len(hops) == 3  # 4 + 4 + 2
+
+
+async def test_a_batched_pipeline_still_holds_about_depth_frames_ahead(frames: Callable[..., Path]) -> None:
+    refs = list_frames(frames(60)).frames
+    started: list[int] = []
+
+    def encode(ref: object) -> EncodedFrame:
+        started.append(1)
+        return EncodedFrame("1", b"")
+
+    async with encode_pipeline(refs, encode, depth=8, limiter=trio.CapacityLimiter(2), batch=4) as results:
+        await results.receive()
+        await trio.sleep(0.2)
+        # the batch being handed over, 8 frames (two batches) queued, one batch being produced
+        assert len(started) <= 4 + 8 + 4
+
+
+async def test_frames_from_an_async_source_are_not_held_back_to_fill_a_batch() -> None:
+    """Live frames go one by one: the first is encoded before the second exists."""
+    send, receive = trio.open_memory_channel[str](10)
+
+    def encode(stamp: str) -> EncodedFrame:
+        return EncodedFrame(stamp, b"")
+
+    async with send, encode_pipeline(receive, encode, depth=8, limiter=trio.CapacityLimiter(2), batch=4) as chan:
+        await send.send("1")
+        with trio.fail_after(5):
+            assert (await chan.receive()).timestamp == "1"

@@ -22,11 +22,11 @@ from caired.protocol import (
 
 def test_message_is_exactly_the_five_keys_as_json_would_write_them() -> None:
     datapt = new_datapt_id()
-    message = encode_message(datapt, "stream", "aGVsbG8=", "1747154380.5511632", True)
+    message = encode_message(datapt, "stream", b"aGVsbG8=", "1747154380.5511632", True)
     expected = {"datapt_id": datapt, "state": "stream", "frame_data": "aGVsbG8=",
                 "timestamp": "1747154380.5511632", "advanced": True}
     assert json.loads(message) == expected
-    assert message == json.dumps(expected)
+    assert message == json.dumps(expected).encode()
 
 
 def test_datapt_ids_are_canonical_uuid4() -> None:
@@ -38,18 +38,18 @@ def test_datapt_ids_are_canonical_uuid4() -> None:
 @pytest.mark.parametrize("bad", ["ED21C799-9EDD-4706-9256-0324A7697ADB", "not-a-uuid", ""])
 def test_message_refuses_a_bad_datapt_id(bad: str) -> None:
     with pytest.raises(ValueError):
-        encode_message(bad, "stream", "", "1.0", True)
+        encode_message(bad, "stream", b"", "1.0", True)
 
 
 @pytest.mark.parametrize("bad", ["1.5\n", "\u0661\u0662", "1.", ".5", "-1", "1e9"])
 def test_message_refuses_a_timestamp_that_is_not_ascii_unix_seconds(bad: str) -> None:
     with pytest.raises(ValueError, match="timestamp"):
-        encode_message(new_datapt_id(), "stream", "", bad, True)
+        encode_message(new_datapt_id(), "stream", b"", bad, True)
 
 
 def test_a_datapt_id_with_a_trailing_newline_is_refused() -> None:
     with pytest.raises(ValueError, match="datapt_id"):
-        encode_message(new_datapt_id() + "\n", "stream", "", "1.0", True)
+        encode_message(new_datapt_id() + "\n", "stream", b"", "1.0", True)
 
 
 def test_url_keeps_the_base_query_and_adds_the_key() -> None:

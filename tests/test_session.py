@@ -70,7 +70,7 @@ def feed_of(items: list[Result]) -> Feed:
 
 
 def frames(n: int) -> list[Result]:
-    return [EncodedFrame(f"{1747154380.5 + i / 30:.7f}", f"ZnJhbWU{i:03d}") for i in range(n)]
+    return [EncodedFrame(f"{1747154380.5 + i / 30:.7f}", f"ZnJhbWU{i:03d}".encode()) for i in range(n)]
 
 
 async def test_frames_leave_on_an_absolute_schedule(autojump_clock: trio.testing.MockClock) -> None:
@@ -124,7 +124,7 @@ async def test_messages_follow_the_protocol(autojump_clock: trio.testing.MockClo
     assert all(p["advanced"] is False for p in payloads)
     last = items[-1]
     assert isinstance(last, EncodedFrame)
-    assert payloads[-1]["frame_data"] == last.data and payloads[-1]["timestamp"] == last.timestamp
+    assert payloads[-1]["frame_data"] == last.data.decode() and payloads[-1]["timestamp"] == last.timestamp
 
 
 async def test_unreadable_frames_are_skipped_and_counted(autojump_clock: trio.testing.MockClock) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import cv2
 import pytest
+import trio
+import trio_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto import frame_protocol as fp
 from wsproto.events import AcceptConnection, Request, TextMessage
@@ -94,6 +96,98 @@ async def test_raw_stream_never_decodes_an_image(
     assert session.finished
     on_disk = [hashlib.sha256(ref.path.read_bytes()).hexdigest() for ref in list_frames(directory).frames]
     assert [f.digest for f in session.frames] == on_disk
+
+
+def _wsprotos_frame(payload: bytes, key: bytes, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    monkeypatch.setattr(fp.os, "urandom", lambda n: key)
+    try:
+        return bytes(fp.FrameProtocol(client=True, extensions=[]).send_data(payload.decode("ascii")))
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 70, 125, 126, 127, 4099, 65535, 65536, 65537, 730_003])
+def test_text_frame_is_wsprotos_frame_for_the_same_key(length: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(length)
+    payload = bytes(rng.choices(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=", k=length))
+    for _ in range(4):
+        key = rng.randbytes(4)
+        cuts = sorted(rng.randrange(length + 1) for _ in range(2))
+        parts = [payload[: cuts[0]], bytearray(payload[cuts[0] : cuts[1]]), memoryview(payload[cuts[1] :])]
+        expected = _wsprotos_frame(payload, key, monkeypatch)
+        assert bytes(wire.text_frame(parts, key)) == expected
+        assert bytes(wire.text_frame([payload], key)) == expected
+
+
+def test_text_frame_leaves_its_parts_untouched() -> None:
+    parts = [b"head", os.urandom(10_001), b"tail"]
+    before = [bytes(p) for p in parts]
+    wire.text_frame(parts, b"\x01\x02\x03\x04")
+    assert parts == before
+
+
+async def test_send_text_takes_the_one_copy_path_on_a_real_connection(
+    backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If trio-websocket changes the internals send_text uses, this fails instead of slowing down."""
+    state = await backend(validate=False)
+    message = b'{"datapt_id": "x", "state": "stream", "frame_data": "' + b"QUJD" * 200_000
+    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{state.port}/ws/", max_message_size=2**24) as ws:
+        assert wire._open_client(ws)
+
+        def refuse(event: object) -> bytes:
+            raise AssertionError("send_text went through wsproto")
+
+        monkeypatch.setattr(ws._wsproto, "send", refuse)
+        sent: list[int] = []
+        send_all = ws._stream.send_all
+
+        async def counting(data: memoryview) -> None:
+            sent.append(len(data))
+            await send_all(data)
+
+        monkeypatch.setattr(ws._stream, "send_all", counting)
+        await wire.send_text(ws, [message[:30], message[30:]])
+        monkeypatch.undo()  # the close goes through wsproto, as it should
+        assert sent == [len(message) + 2 + 8 + 4]  # one write: header, 64-bit length, key, payload
+    assert not wire._open_client(ws)
+
+
+async def test_send_text_on_a_closed_connection_raises_connection_closed(backend: BackendFactory) -> None:
+    state = await backend()
+    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{state.port}/ws/") as ws:
+        await ws.aclose()
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await wire.send_text(ws, [b"{}"])
+
+
+async def test_send_text_falls_back_to_send_message_for_any_other_socket() -> None:
+    got: list[str | bytes] = []
+
+    class Other:
+        async def send_message(self, message: str | bytes) -> None:
+            got.append(message)
+
+    await wire.send_text(Other(), [b'{"a": "', b"\xc3\xa9", b'"}'])
+    assert got == ['{"a": "\u00e9"}']
+
+
+async def test_a_broken_stream_mid_send_is_connection_closed(
+    backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = await backend()
+    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{state.port}/ws/") as ws:
+        stream = ws._stream
+
+        async def broken(data: memoryview) -> None:
+            await stream.aclose()  # the connection is gone for the reader too
+            raise trio.BrokenResourceError("peer reset")
+
+        monkeypatch.setattr(stream, "send_all", broken)
+        with pytest.raises(trio_websocket.ConnectionClosed) as caught:
+            await wire.send_text(ws, [b"{}"])
+        assert caught.value.reason.code == 1006
+        monkeypatch.undo()
 
 
 def test_the_stream_command_does_not_import_cv2() -> None:
