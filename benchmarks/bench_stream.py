@@ -259,6 +259,8 @@ def _rates(frames: int, seconds: float, result: dict[str, Any]) -> dict[str, Any
 def jitter(trace: dict[str, Any], fps: int, started: float) -> dict[str, Any]:
     """Each message's deviation from t0 + i / fps (t0 = the first send), in ms."""
     sends = trace["sends"]
+    if len(sends) < 2:
+        raise SystemExit(f"traced_stream.py recorded {len(sends)} sends: its hook no longer sees caired's messages")
     t0 = sends[0]
     deviations = sorted(abs(t - (t0 + i / fps)) * 1000 for i, t in enumerate(sends))
     return {

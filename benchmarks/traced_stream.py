@@ -11,10 +11,10 @@ import array
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import trio_websocket
-
+from caired import session
 from caired.cli import main
 
 CAPACITY = 1 << 15  # messages; 256 KiB, so the recording barely shows in the peak RSS
@@ -24,17 +24,17 @@ def run(out: str, argv: list[str]) -> int:
     stamps = array.array("d", bytes(8 * CAPACITY))
     count = 0
     first_wall = 0.0
-    original = trio_websocket.WebSocketConnection.send_message
+    original = session.send_text  # every client message leaves through it
 
-    async def send_message(self: Any, message: str | bytes) -> None:
+    async def send_text(ws: Any, parts: Sequence[bytes]) -> None:
         nonlocal count, first_wall
         stamps[count] = time.perf_counter()
         if count == 0:
             first_wall = time.time()
         count += 1
-        await original(self, message)
+        await original(ws, parts)
 
-    trio_websocket.WebSocketConnection.send_message = send_message
+    session.send_text = send_text
     code = main(["stream", *argv])
     with open(out, "w") as f:
         json.dump({"sends": stamps[:count].tolist(), "first_send_unix": first_wall}, f)
