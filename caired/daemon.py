@@ -36,6 +36,7 @@ from caired import logging as clog
 from caired.config import Config
 from caired.delivery import FolderSource, deliver
 from caired.errors import NoFramesError, SessionError
+from caired.frames import encode_workers
 from caired.spool import Claim, Spool, SpoolError, watch
 from caired.systemd import Notifier, serve_watchdog
 from caired.uplink import Gate
@@ -102,7 +103,7 @@ async def serve(
         spool=spool,
         gate=Gate(cfg.retry),
         notifier=notifier,
-        limiter=trio.CapacityLimiter(os.cpu_count() or 2),
+        limiter=trio.CapacityLimiter(encode_workers()),
         slots=trio.Semaphore(cfg.spool.max_sessions),
     )
     log.info("daemon_starting", spool=str(spool.root), recovered=len(recovered), max_sessions=cfg.spool.max_sessions,

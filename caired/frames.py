@@ -9,6 +9,7 @@ signature and trailer and sends the file's bytes untouched.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -34,6 +35,19 @@ T = TypeVar("T")
 # Reading a raw frame and base64-ing it takes ~0.06 ms; a hop to a worker thread and back
 # costs the event loop more than that, so raw frames of a folder travel in fours.
 RAW_BATCH: Final = 4
+
+
+def encode_workers() -> int:
+    """Worker threads for encoding: one more than the CPUs this process may use.
+
+    A worker waiting for the GIL or for a file leaves its CPU idle; the extra one fills
+    that gap (jpeg on 2 cores: ~418 -> ~435 frames/s, medians of 4).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus + 1
 
 
 @attrs.frozen

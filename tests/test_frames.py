@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import trio
 
 from caired.errors import FrameError, NoFramesError
-from caired.frames import EncodedFrame, encode_pipeline, encoder, list_frames, read_jpeg, read_raw
+from caired.frames import EncodedFrame, encode_pipeline, encode_workers, encoder, list_frames, read_jpeg, read_raw
 
 
 def test_frames_are_ordered_by_the_numeric_value_of_their_stem(tmp_path: Path) -> None:
@@ -147,3 +148,10 @@ async def test_frames_from_an_async_source_are_not_held_back_to_fill_a_batch() -
         await send.send("1")
         with trio.fail_after(5):
             assert (await chan.receive()).timestamp == "1"
+
+
+def test_encode_workers_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container pinned to 1 CPU of 64 gets 2 workers, not 65."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert encode_workers() == 2

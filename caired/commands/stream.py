@@ -7,7 +7,6 @@ unreachable after the retries; 77 key rejected; 78 configuration error.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import structlog
@@ -16,6 +15,7 @@ import trio
 from caired.cli import add_bool, add_common, command
 from caired.config import Config
 from caired.delivery import FolderSource, deliver
+from caired.frames import encode_workers
 from caired.progress import progress_line
 from caired.protocol import new_datapt_id
 from caired.session import Tally
@@ -59,7 +59,7 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def stream_folder(cfg: Config, directory: Path) -> None:
-    limiter = trio.CapacityLimiter(os.cpu_count() or 2)
+    limiter = trio.CapacityLimiter(encode_workers())
     source = FolderSource(directory, cfg, limiter)
     datapt_id = new_datapt_id()
     with structlog.contextvars.bound_contextvars(source="cli", session=directory.name, datapt_id=datapt_id):
