@@ -34,7 +34,7 @@ from caired.protocol import PAYLOAD_KEYS, TIMESTAMP_RE, UUID4_RE
 log = structlog.get_logger()
 
 MAX_MESSAGE: Final = 64 * 1024 * 1024
-RECEIVE_BUFFER: Final = 256 * 1024  # trio-websocket reads 4 KiB at a time by default: 200 reads per raw frame
+RECEIVE_BUFFER: Final = 1024 * 1024  # trio-websocket reads 4 KiB at a time by default: 200 reads per raw frame
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 CONSTANT_HR: Final = 72
