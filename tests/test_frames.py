@@ -86,19 +86,20 @@ async def test_pipeline_keeps_order_and_passes_errors_through(frames: Callable[.
     assert [s for i, s in enumerate(seen) if i != 5] == [r.timestamp for i, r in enumerate(refs) if i != 5]
 
 
-async def test_pipeline_holds_at_most_depth_frames_ahead(frames: Callable[..., Path]) -> None:
-    refs = list_frames(frames(40)).frames
+@pytest.mark.parametrize(("depth", "batch"), [(4, 1), (8, 4)])
+async def test_pipeline_holds_about_depth_frames_ahead(frames: Callable[..., Path], depth: int, batch: int) -> None:
+    refs = list_frames(frames(60)).frames
     started: list[int] = []
 
     def encode(ref: object) -> EncodedFrame:
         started.append(1)
         return EncodedFrame("1", b"")
 
-    async with encode_pipeline(refs, encode, depth=4, limiter=trio.CapacityLimiter(2)) as results:
+    async with encode_pipeline(refs, encode, depth=depth, limiter=trio.CapacityLimiter(2), batch=batch) as results:
         await results.receive()
         await trio.sleep(0.2)  # let the producer run as far ahead as it may
-        # one delivered, 4 queued slots (depth), one waiting to be handed over, one being produced
-        assert len(started) <= 4 + 3
+        # depth queued in whole batches, plus a batch being handed over, one waiting to be, one being produced
+        assert len(started) <= depth + 3 * batch
 
 
 async def test_a_batched_pipeline_keeps_order_and_errors_and_hops_once_per_batch(
@@ -120,21 +121,6 @@ async def test_a_batched_pipeline_keeps_order_and_errors_and_hops_once_per_batch
             seen.append(result.timestamp if isinstance(result, EncodedFrame) else f"error:{result.name}")
     assert seen == [f"error:{r.path.name}" if i == 6 else r.timestamp for i, r in enumerate(refs)]
     assert len(hops) == 3  # 4 + 4 + 2
-
-
-async def test_a_batched_pipeline_still_holds_about_depth_frames_ahead(frames: Callable[..., Path]) -> None:
-    refs = list_frames(frames(60)).frames
-    started: list[int] = []
-
-    def encode(ref: object) -> EncodedFrame:
-        started.append(1)
-        return EncodedFrame("1", b"")
-
-    async with encode_pipeline(refs, encode, depth=8, limiter=trio.CapacityLimiter(2), batch=4) as results:
-        await results.receive()
-        await trio.sleep(0.2)
-        # the batch being handed over, 8 frames (two batches) queued, one batch being produced
-        assert len(started) <= 4 + 8 + 4
 
 
 async def test_frames_from_an_async_source_are_not_held_back_to_fill_a_batch() -> None:
