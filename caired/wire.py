@@ -129,18 +129,25 @@ async def send_text(ws: Any, parts: Sequence[Buffer]) -> None:
     """Send ``parts`` joined (UTF-8 together) as one text message on ``ws``.
 
     On an open trio-websocket client connection the frame is ``text_frame``'s, written
-    the way trio-websocket writes its own (same lock, same handling of a broken stream).
+    the way trio-websocket writes its own (same lock, same handling of a broken stream),
+    except that a write cancelled halfway closes the stream rather than leave it mid-frame.
     Anything else, including a connection that is closing, gets ``send_message``, which
     raises what trio-websocket raises.
     """
     if _open_client(ws):
         frame = text_frame(parts, os.urandom(4))  # a fresh key per frame, as RFC 6455 5.3 asks
         async with ws._stream_lock:
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled before a byte left: the stream is whole
             try:
                 await ws._stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await ws._abort_web_socket()
                 raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+            except BaseException:
+                # Cancelled mid-write: whatever follows (a close frame) would land inside this
+                # frame's payload. Drop the connection instead; the peer sees it end (1006).
+                await trio.aclose_forcefully(ws._stream)
+                raise
         return
     await ws.send_message(b"".join(parts).decode("utf-8"))
 

@@ -99,11 +99,11 @@ async def test_raw_stream_never_decodes_an_image(
 
 
 def _wsprotos_frame(payload: bytes, key: bytes, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    monkeypatch.setattr(fp.os, "urandom", lambda n: key)
-    try:
+    """wsproto's own frame, with its pure-Python masker, for ``key``."""
+    with monkeypatch.context() as m:
+        m.setattr(fp, "XorMaskerSimple", ORIGINAL)
+        m.setattr(fp.os, "urandom", lambda n: key)
         return bytes(fp.FrameProtocol(client=True, extensions=[]).send_data(payload.decode("ascii")))
-    finally:
-        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("length", [0, 1, 3, 4, 5, 70, 125, 126, 127, 4099, 65535, 65536, 65537, 730_003])
@@ -188,6 +188,45 @@ async def test_a_broken_stream_mid_send_is_connection_closed(
             await wire.send_text(ws, [b"{}"])
         assert caught.value.reason.code == 1006
         monkeypatch.undo()
+
+
+async def test_a_write_cancelled_halfway_drops_the_connection_rather_than_corrupt_it(
+    backend: BackendFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anything written after half a frame (the close frame) would be read as its payload."""
+    state = await backend()
+    with trio.fail_after(10):  # left mid-frame, the close handshake would wait out its 60 s timeout
+        ws = await _halfway_cancelled(state.port, monkeypatch)
+    assert ws.closed is not None and ws.closed.code == 1006
+
+
+async def _halfway_cancelled(port: int, monkeypatch: pytest.MonkeyPatch) -> trio_websocket.WebSocketConnection:
+    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/ws/") as ws:
+        stream = ws._stream
+        send_all = stream.send_all
+
+        async def stalls_halfway(data: memoryview) -> None:
+            await send_all(data[: len(data) // 2])
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(stream, "send_all", stalls_halfway)
+        with trio.move_on_after(0.2) as scope:
+            await wire.send_text(ws, [b'{"a": "', b"x" * 100_000, b'"}'])
+        assert scope.cancelled_caught
+        assert stream.socket.fileno() == -1  # closed: nothing more can be written into the frame
+        monkeypatch.undo()
+    return ws
+
+
+async def test_a_send_cancelled_before_it_starts_leaves_the_connection_whole(backend: BackendFactory) -> None:
+    state = await backend()
+    async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{state.port}/ws/") as ws:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await wire.send_text(ws, [b"{}"])
+        assert ws._stream.socket.fileno() != -1
+        assert wire._open_client(ws)
+    assert ws.closed is not None and ws.closed.code == 1000
 
 
 def test_the_stream_command_does_not_import_cv2() -> None:
