@@ -154,7 +154,7 @@ async def encode_pipeline(
 ) -> AsyncIterator[trio.MemoryReceiveChannel[Result]]:
     """Encode ``items`` in worker threads, in parallel, delivering results in order.
 
-    At most ``depth`` results (rounded up to whole batches) wait ahead of the consumer,
+    About ``depth`` results wait ahead of the consumer (at most ``depth`` + 2 ``batch``),
     so memory does not grow with the folder's length. A frame that cannot be encoded
     arrives as its FrameError. Leaving the block cancels whatever is still in flight.
 
@@ -162,6 +162,7 @@ async def encode_pipeline(
     less to encode than a thread hop (raw); items from an async source always go one by
     one, so none waits for the next to arrive.
     """
+    batch = max(1, min(batch, depth))  # a small queue is not overrun by one big batch
     send, receive = trio.open_memory_channel[Result](0)
     ahead = max(1, -(-depth // batch))
     slots_send, slots_receive = trio.open_memory_channel[trio.MemoryReceiveChannel[list[Result]]](ahead - 1)
@@ -210,6 +211,6 @@ async def _groups(items: AsyncIterable[T] | Iterable[T], size: int) -> AsyncIter
             yield [item]
         return
     iterator = iter(items)
-    while group := list(itertools.islice(iterator, max(1, size))):
+    while group := list(itertools.islice(iterator, size)):
         yield group
         await trio.lowlevel.checkpoint()
