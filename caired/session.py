@@ -191,7 +191,6 @@ async def _send(
         if fps > 0:
             await trio.sleep_until(t0 + index / fps)
         await _send_one(ws, shared, message)
-        del message  # a megabyte in raw mode: not kept while the next frame is awaited
         last = frame
         index += 1
         tally.sent, tally.skipped = index, feed.skipped
