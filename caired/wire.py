@@ -18,8 +18,8 @@ Profiling a raw-mode stream (0.4-1 MB per message) showed three costs outside ca
   ``bytearray(payload)``, the masker's output, header + masked payload). ``send_text``
   builds the frame in one pass, XOR-ing the message's pieces straight into one buffer,
   and writes it under trio-websocket's own send lock, as its ``_send`` writes wsproto's
-  frames. Only ``send_text`` reaches into trio-websocket;
-  anything it does not recognise gets ``send_message``.
+  frames. Only ``send_text`` reaches into trio-websocket; anything it does not
+  recognise gets ``send_message``.
 """
 
 from __future__ import annotations
@@ -65,13 +65,8 @@ class NumpyMasker:
             self._masking_key = bytes(small._masking_key)
             return out
         key = self._masking_key
-        whole = size - size % 4
         out = bytearray(size)
-        src = np.frombuffer(data, dtype=np.uint8, count=whole).view(np.uint32)
-        dst = np.frombuffer(out, dtype=np.uint8, count=whole).view(np.uint32)
-        np.bitwise_xor(src, np.frombuffer(key, dtype=np.uint32)[0], out=dst)
-        for i in range(whole, size):
-            out[i] = data[i] ^ key[i - whole]
+        _xor_into(np.frombuffer(out, dtype=np.uint8), 0, data, key, 0)
         rotation = size % 4
         self._masking_key = key[rotation:] + key[:rotation]
         return out
