@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from caired import session
+from caired import attempt
 from caired.cli import main
 
 CAPACITY = 1 << 15  # messages; 256 KiB, so the recording barely shows in the peak RSS
@@ -24,7 +24,7 @@ def run(out: str, argv: list[str]) -> int:
     stamps = array.array("d", bytes(8 * CAPACITY))
     count = 0
     first_wall = 0.0
-    original = session.send_text  # every client message leaves through it
+    original = attempt.send_text  # every client message leaves through it
 
     async def send_text(ws: Any, parts: Sequence[bytes]) -> None:
         nonlocal count, first_wall
@@ -34,7 +34,7 @@ def run(out: str, argv: list[str]) -> int:
         count += 1
         await original(ws, parts)
 
-    session.send_text = send_text
+    attempt.send_text = send_text
     code = main(["stream", *argv])
     with open(out, "w") as f:
         json.dump({"sends": stamps[:count].tolist(), "first_send_unix": first_wall}, f)

@@ -34,9 +34,10 @@ import trio
 
 from caired import logging as clog
 from caired.config import Config
-from caired.delivery import FolderSource, deliver
 from caired.errors import NoFramesError, SessionError
 from caired.frames import encode_workers
+from caired.session import deliver
+from caired.sources import FolderSource
 from caired.spool import Claim, Spool, SpoolError, watch
 from caired.systemd import Notifier, serve_watchdog
 from caired.uplink import Gate

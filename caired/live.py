@@ -23,10 +23,11 @@ import trio
 
 from caired._trio import open_nursery
 from caired.camera import CapturedFrame, run_camera
-from caired.delivery import Delivered, LiveSource, deliver
 from caired.errors import CairedError, NoFramesError, SessionError
 from caired.frames import EncodedFrame, encode_image
 from caired.record import write_frame
+from caired.session import Delivered, deliver
+from caired.sources import LiveSource
 from caired.spool import Claim, Spool, SpoolError
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import trio
 
 from caired import logging as clog
 from caired._trio import open_nursery
-from caired.session import Tally
+from caired.attempt import Tally
 
 REDRAW: Final = 0.25
 CLEAR: Final = "\r\x1b[K"

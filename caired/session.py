@@ -1,244 +1,151 @@
-"""Stream one session over one connection: pacing, the listener, end, finished.
+"""One datapoint session end to end: its frames, its attempts, its outcome.
 
-Three tasks share the connection. The sender sends frame i at ``t0 + i / fps`` on an
-absolute schedule (no drift), then the ``end`` message repeating the last frame. The
-listener drains every server message as it arrives — trio-websocket stops reading the
-socket while its message queue is full — and logs each one whole. The heartbeat pings
-while the session waits, so a half-open connection is noticed. The attempt ends when
-``finished`` arrives (then we close promptly with 1000), when the connection closes, or
-when ``finished`` does not come within ``finish_timeout``.
+``deliver()`` is the one session implementation behind ``caired stream`` and the
+daemon. Every attempt starts encoding before it connects (the first frame leaves as
+soon as the connection opens), restarts from the first frame on a new connection,
+and keeps the session's one ``datapt_id``. Failures are retried through the shared
+``Gate``; permanent ones (payload too big, protocol rejection, no frames) are not.
 """
 
 from __future__ import annotations
 
-import contextlib
+import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import structlog
 import trio
-import trio_websocket
 
-from caired._trio import open_nursery
-from caired.errors import FinishTimeout, FrameError, NoFramesError, SessionError
-from caired.frames import EncodedFrame, Result
-from caired.protocol import STATE_END, STATE_STREAM, Answer, message_parts, parse_answer
-from caired.uplink import classify_closed
-from caired.wire import send_text
+from caired.attempt import Finished, Tally, stream
+from caired.config import Config
+from caired.errors import BackendUnavailable, KeyRejected, NoFramesError, SessionError
+from caired.protocol import Answer
+from caired.sources import FrameSource
+from caired.uplink import Gate, connect, endpoint
 
 log = structlog.get_logger()
 
-CLOSE_TIMEOUT: Final = 2.0
-# Closing an attempt that did not finish: after a cancellation nobody reads the server's close
-# reply, so waiting for it would only delay shutdown; the close frame itself leaves at once.
-ABANDON_TIMEOUT: Final = 0.5
-GOING_AWAY: Final = 1001
-
-
-class Socket(Protocol):
-    """What a session needs of a connection; trio-websocket's WebSocketConnection fits."""
-
-    async def send_message(self, message: str | bytes) -> None: ...
-    async def get_message(self) -> str | bytes: ...
-    async def ping(self, payload: bytes | None = None) -> None: ...
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
-
-
-@attrs.define
-class Tally:
-    """What one attempt did so far; the progress line and the result read it."""
-
-    total: int | None = None
-    sent: int = 0
-    skipped: int = 0
-    answers: int = 0
-    hr: float | None = None
-    started: float = 0.0
-
 
 @attrs.frozen
-class Finished:
-    message: Any  # the whole ``finished`` answer
-    hr: float | None
-    sent: int
-    skipped: int
-    answers: int
+class Delivered:
+    """A finished session, as ``result.json`` records it."""
+
+    name: str
+    datapt_id: str
+    attempts: int
+    finished: Finished
+    started_at: float
+    ended_at: float
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "session": self.name,
+            "datapt_id": self.datapt_id,
+            "attempts": self.attempts,
+            "frames_sent": self.finished.sent,
+            "frames_skipped": self.finished.skipped,
+            "answers": self.finished.answers,
+            "started_at": _iso(self.started_at),
+            "ended_at": _iso(self.ended_at),
+            "hr": self.finished.hr,
+            "finished": self.finished.message,
+            **extra,
+        }
 
 
-@attrs.define
-class Feed:
-    """The encoded frames of one attempt, with the first usable one looked at early."""
-
-    channel: trio.MemoryReceiveChannel[Result]
-    on_skip: Callable[[FrameError], None]
-    skipped: int = 0
-    _pending: list[EncodedFrame] = attrs.field(factory=list)
-
-    async def first(self) -> EncodedFrame | None:
-        """The first usable frame (kept for ``next``), or None when there is none."""
-        frame = await self.next()
-        if frame is not None:
-            self._pending.insert(0, frame)
-        return frame
-
-    async def next(self) -> EncodedFrame | None:
-        if self._pending:
-            return self._pending.pop(0)
-        async for result in self.channel:
-            if isinstance(result, FrameError):
-                self.skipped += 1
-                self.on_skip(result)
-                continue
-            return result
-        return None
+def _iso(stamp: float) -> str:
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@attrs.define
-class _Shared:
-    """The attempt's outcome; whichever comes first ends the attempt's tasks."""
-
-    scope: trio.CancelScope
-    finished: Answer | None = None
-    failure: SessionError | None = None
-
-    @property
-    def over(self) -> bool:
-        return self.finished is not None or self.failure is not None
-
-    def finish(self, answer: Answer) -> None:
-        if not self.over:
-            self.finished = answer
-        self.scope.cancel()
-
-    def fail(self, error: SessionError) -> None:
-        if not self.over:
-            self.failure = error
-        self.scope.cancel()
-
-
-async def stream(
-    ws: Socket,
-    feed: Feed,
+async def deliver(
+    source: FrameSource,
     *,
+    cfg: Config,
+    gate: Gate,
+    name: str,
     datapt_id: str,
-    fps: float,
-    advanced: bool,
-    prefill: int = 1,
-    finish_timeout: float,
-    heartbeat: float = 0.0,
+    attempts: int = 0,
+    first_attempt: int = 1,
+    on_attempt: Callable[[int], Any] | None = None,
     tally: Tally | None = None,
     on_answer: Callable[[Answer], None] | None = None,
-) -> Finished:
-    """Send every frame of ``feed`` and wait for ``finished``; raise a SessionError otherwise."""
-    tally = tally if tally is not None else Tally()
-    closing_code = GOING_AWAY
-    try:
-        async with open_nursery() as nursery:
-            shared = _Shared(nursery.cancel_scope)
-            nursery.start_soon(_listen, ws, shared, tally, on_answer)
-            if heartbeat > 0:
-                nursery.start_soon(_heartbeat, ws, shared, heartbeat)
-            await _send(ws, feed, shared, tally, datapt_id=datapt_id, fps=fps, advanced=advanced, prefill=prefill)
-            await trio.sleep(finish_timeout)  # ended early by finish() or fail()
-            shared.fail(FinishTimeout(f"no 'finished' within {finish_timeout:g} s after the end message"))
-        if shared.finished is not None:
-            closing_code = 1000
-            return Finished(
-                message=shared.finished.body,
-                hr=shared.finished.hr,
-                sent=tally.sent,
-                skipped=feed.skipped,
-                answers=tally.answers,
-            )
-        assert shared.failure is not None
-        raise shared.failure
-    finally:
-        with trio.move_on_after(CLOSE_TIMEOUT if closing_code == 1000 else ABANDON_TIMEOUT, shield=True):
-            with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
-                await ws.aclose(closing_code, None if closing_code == 1000 else "going away")
+    reject_is_final: bool = True,
+) -> Delivered:
+    """Stream ``source`` until ``finished``; ``attempts`` = 0 retries without limit.
 
-
-async def _send(
-    ws: Socket,
-    feed: Feed,
-    shared: _Shared,
-    tally: Tally,
-    *,
-    datapt_id: str,
-    fps: float,
-    advanced: bool,
-    prefill: int,
-) -> None:
-    """The sender: every frame on schedule, then the end message."""
-    ready: list[EncodedFrame] = []
-    while len(ready) < max(1, prefill):
-        frame = await feed.next()
-        if frame is None:
-            break
-        ready.append(frame)
-    if not ready:
-        raise NoFramesError("no usable frame left to send")
-
-    t0 = tally.started = trio.current_time()
-    last: EncodedFrame | None = None
-    index = 0
+    Raises the last SessionError when it is permanent, when the attempts run out, or
+    (with ``reject_is_final``) when the key is rejected; NoFramesError when nothing is
+    left to send.
+    """
+    started = time.time()
+    target = endpoint(cfg.backend).shown
+    connected_ever = False
+    attempt = first_attempt - 1
     while True:
-        frame = ready.pop(0) if ready else await feed.next()
-        if frame is None:
-            break
-        message = message_parts(datapt_id, STATE_STREAM, frame.data, frame.timestamp, advanced)  # before the wait
-        if fps > 0:
-            await trio.sleep_until(t0 + index / fps)
-        await _send_one(ws, shared, message)
-        last = frame
-        index += 1
-        tally.sent, tally.skipped = index, feed.skipped
-    assert last is not None
-    message = message_parts(datapt_id, STATE_END, last.data, last.timestamp, advanced)
-    if fps > 0:
-        await trio.sleep_until(t0 + index / fps)
-    await _send_one(ws, shared, message)
-
-
-async def _send_one(ws: Socket, shared: _Shared, message: tuple[bytes, bytes, bytes]) -> None:
-    try:
-        await send_text(ws, message)
-    except trio_websocket.ConnectionClosed as exc:
-        shared.fail(classify_closed(exc.reason))
-        await trio.lowlevel.checkpoint()  # the attempt is over: this raises Cancelled
-
-
-async def _listen(
-    ws: Socket, shared: _Shared, tally: Tally, on_answer: Callable[[Answer], None] | None
-) -> None:
-    while True:
-        try:
-            message = await ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
-            shared.fail(classify_closed(exc.reason))
-            return
-        answer = parse_answer(message)
-        tally.answers += 1
-        if answer.hr is not None:
-            tally.hr = answer.hr
-        log.info("response", response_kind=answer.kind, response=answer.for_log())
-        if on_answer is not None:
-            on_answer(answer)
-        if answer.state == "finished":
-            shared.finish(answer)
-
-
-async def _heartbeat(ws: Socket, shared: _Shared, interval: float) -> None:
-    """Ping every ``interval``; no pong within ``max(2 * interval, 10 s)`` means half-open."""
-    patience = max(2 * interval, 10.0)
-    while True:
-        await trio.sleep(interval)
-        with trio.move_on_after(patience) as scope:
+        attempt += 1
+        if on_attempt is not None:
+            await trio.to_thread.run_sync(on_attempt, attempt)
+        with structlog.contextvars.bound_contextvars(attempt=attempt):
             try:
-                await ws.ping()
-            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
-                return  # the listener reports the close
-        if scope.cancelled_caught:
-            shared.fail(SessionError(f"no pong within {patience:g} s: the connection is half-open"))
-            return
+                finished = await _attempt(source, cfg=cfg, gate=gate, datapt_id=datapt_id, target=target,
+                                          tally=tally, on_answer=on_answer)
+            except SessionError as err:
+                connected_ever = connected_ever or err.connected
+                final = err.permanent or (reject_is_final and isinstance(err, KeyRejected))
+                out_of_attempts = attempts > 0 and attempt - first_attempt + 1 >= attempts
+                if final or out_of_attempts:
+                    log.error("session_failed", reason=err.reason, close_code=err.close_code, attempts=attempt)
+                    if out_of_attempts and not final and not connected_ever:
+                        raise BackendUnavailable(
+                            f"{err.reason} (gave up after {attempt} attempts)", connected=False
+                        ) from None
+                    raise
+                log.warning("session_retry", reason=err.reason, close_code=err.close_code,
+                            delay=round(max(0.0, gate.next_attempt - trio.current_time()), 3),
+                            backoff=round(gate.last_delay, 3))
+                continue
+            gate.succeeded()
+            log.info("session_finished", hr=finished.hr, frames_sent=finished.sent, frames_skipped=finished.skipped,
+                     answers=finished.answers, attempts=attempt, seconds=round(time.time() - started, 3))
+            return Delivered(name=name, datapt_id=datapt_id, attempts=attempt, finished=finished,
+                             started_at=started, ended_at=time.time())
+
+
+async def _attempt(
+    source: FrameSource,
+    *,
+    cfg: Config,
+    gate: Gate,
+    datapt_id: str,
+    target: str,
+    tally: Tally | None,
+    on_answer: Callable[[Answer], None] | None,
+) -> Finished:
+    async with source.open() as feed:
+        if await feed.first() is None:
+            raise NoFramesError("no usable frame: every frame failed to read or decode")
+        async with gate.attempt() as turn, connect(cfg.backend) as ws:
+            if tally is not None:
+                tally.total, tally.sent, tally.skipped = source.total, 0, 0
+            log.info("session_started", url=target, frames=source.total, format=cfg.stream.format,
+                     fps=cfg.stream.fps, advanced=cfg.stream.advanced)
+
+            def answered(answer: Answer) -> None:
+                turn.admitted()
+                if on_answer is not None:
+                    on_answer(answer)
+
+            return await stream(
+                ws,
+                feed,
+                datapt_id=datapt_id,
+                fps=cfg.stream.fps,
+                advanced=cfg.stream.advanced,
+                prefill=cfg.stream.prefill,
+                finish_timeout=cfg.backend.finish_timeout,
+                heartbeat=cfg.backend.heartbeat,
+                tally=tally,
+                on_answer=answered,
+            )

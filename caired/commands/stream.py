@@ -12,13 +12,14 @@ from pathlib import Path
 import structlog
 import trio
 
+from caired.attempt import Tally
 from caired.cli import add_bool, add_common, command
 from caired.config import Config
-from caired.delivery import FolderSource, deliver
 from caired.frames import encode_workers
 from caired.progress import progress_line
 from caired.protocol import new_datapt_id
-from caired.session import Tally
+from caired.session import deliver
+from caired.sources import FolderSource
 from caired.uplink import Gate
 
 log = structlog.get_logger()

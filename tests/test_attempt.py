@@ -9,9 +9,10 @@ import pytest
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from caired.attempt import Tally, stream
 from caired.errors import FinishTimeout, FrameError, KeyRejected, SessionError
 from caired.frames import EncodedFrame, Result
-from caired.session import Feed, Tally, stream
+from caired.sources import Feed
 
 DATAPT = "ed21c799-9edd-4706-9256-0324a7697adb"
 
