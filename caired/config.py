@@ -189,6 +189,11 @@ class SpoolConfig:
     keep_frames: bool = attrs.field(
         default=True, metadata=_meta("keep the PNGs of done sessions (false keeps result.json only)")
     )
+    max_crashes: int = attrs.field(
+        default=3,
+        validator=_between(0, 1000),
+        metadata=_meta("a folder being streamed whenever caired died this often goes to failed/ (0 = never)"),
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -207,6 +212,11 @@ class RetryConfig:
         default=300.0,
         validator=_positive,
         metadata=_meta("after a rejected key, the daemon tries again this rarely (seconds)"),
+    )
+    session_attempts: int = attrs.field(
+        default=10,
+        validator=_non_negative,
+        metadata=_meta("a daemon session failing after the backend accepted it is tried this often (0 = no limit)"),
     )
 
 

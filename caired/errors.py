@@ -7,6 +7,7 @@ its message is the one line a user reads: it says what went wrong and what to do
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 
 class ExitCode(enum.IntEnum):
@@ -66,30 +67,36 @@ class FrameError(CairedError, ValueError):
         super().__init__(f"{name}: {problem}")
 
 
+class Retry(enum.Enum):
+    """What a failed attempt says about trying again."""
+
+    BACKOFF = "backoff"  # the backend's side (refused, down, timeouts, 1001, 1006): retry without limit
+    SLOW = "slow"  # the backend asked for time (1012, 1013, 429): a longer backoff, without limit
+    SESSION = "session"  # failed after the backend took this session (1011, no 'finished'): limited retries
+    NEVER = "never"  # this session's payload is the problem (1009, 1002, 1003, 1007): retrying sends the same
+
+
 class SessionError(CairedError):
     """A streaming attempt ended without ``finished``.
 
-    ``permanent`` failures (message too big, protocol rejection) are not retried;
-    ``close_code`` is the WebSocket close code when there was one.
+    ``retry`` says how (and whether) to try again; ``connected`` whether the connection had
+    opened (the backend is up); ``close_code`` is the WebSocket close code when there was one.
     """
 
     exit_code = ExitCode.SESSION_FAILED
 
     def __init__(
-        self,
-        reason: str,
-        *,
-        close_code: int | None = None,
-        permanent: bool = False,
-        connected: bool = True,
-        retry_slow: bool = False,
+        self, reason: str, *, close_code: int | None = None, retry: Retry = Retry.BACKOFF, connected: bool = True
     ) -> None:
         self.reason = reason
         self.close_code = close_code
-        self.permanent = permanent
+        self.retry = retry
         self.connected = connected
-        self.retry_slow = retry_slow
         super().__init__(reason)
+
+    @property
+    def permanent(self) -> bool:
+        return self.retry is Retry.NEVER
 
 
 class BackendUnavailable(SessionError):
@@ -99,16 +106,42 @@ class BackendUnavailable(SessionError):
 
 
 class KeyRejected(SessionError, PermissionError):
-    """The backend rejected the key or the path (HTTP 401/403, close 1008)."""
+    """The backend rejected the key (HTTP 401/403, close 1008 right after the handshake)."""
 
     exit_code = ExitCode.NO_PERMISSION
 
 
+class WrongPath(KeyRejected):
+    """The backend refused the URL's path (close 1008 "Invalid path", HTTP 404): a configuration
+    error with another fix than a key."""
+
+    exit_code = ExitCode.CONFIG
+
+
 class FinishTimeout(SessionError, TimeoutError):
     """The ``finished`` answer did not come within ``finish_timeout``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retry=Retry.SESSION)
 
 
 class DeviceError(CairedError, OSError):
     """A camera could not be opened or stopped delivering frames."""
 
     exit_code = ExitCode.IO_ERROR
+
+
+class SpoolError(CairedError, OSError):
+    """The spool cannot be created or written; the message says which path and what to do."""
+
+    exit_code = ExitCode.CANT_CREATE
+
+    def __init__(self, message: str, *, path: Path | None = None, code: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = code
+
+
+class LocksRefused(SpoolError):
+    """The filesystem refuses the lock itself (not: someone holds it). That is the same for every
+    folder of the spool, so recovery stops on it instead of skipping the folder."""

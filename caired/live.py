@@ -15,7 +15,7 @@ no camera session is lost to an outage.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import attrs
 import structlog
@@ -23,32 +23,26 @@ import trio
 
 from caired._trio import open_nursery
 from caired.camera import CapturedFrame, run_camera
-from caired.errors import CairedError, NoFramesError, SessionError
+from caired.errors import CairedError, NoFramesError, Retry, SessionError, SpoolError
 from caired.frames import EncodedFrame, encode_image
+from caired.lifecycle import Context, Done, Outcome, Store, run_session
 from caired.record import write_frame
-from caired.session import Delivered, deliver
+from caired.session import Delivered, Limits, deliver
 from caired.sources import LiveSource
-from caired.spool import Claim, Spool, SpoolError
-
-if TYPE_CHECKING:
-    from caired.daemon import Daemon
+from caired.spool import Claim
 
 log = structlog.get_logger()
 
 WRITERS: Final = 2  # PNG encodes in flight per camera session
-CLEANUP_DEADLINE: Final = 5.0
 
 
-async def serve_camera(
-    daemon: Daemon, nursery: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
+async def serve_camera(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Back-to-back camera sessions for as long as the daemon runs."""
 
     async def on_session(name: str, frames: trio.MemoryReceiveChannel[CapturedFrame]) -> None:
-        await camera_session(daemon, name, frames)
+        await camera_session(ctx, name, frames)
 
-    await run_camera(daemon.cfg.camera, on_session, channel_size=daemon.cfg.stream.send_queue,
-                     task_status=task_status)
+    await run_camera(ctx.cfg.camera, on_session, channel_size=ctx.cfg.stream.send_queue, task_status=task_status)
 
 
 @attrs.define
@@ -57,52 +51,40 @@ class _Counts:
     live_dropped: int = 0
 
 
-async def camera_session(daemon: Daemon, name: str, frames: trio.MemoryReceiveChannel[CapturedFrame]) -> None:
-    spool, cfg = daemon.spool, daemon.cfg
+async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChannel[CapturedFrame]) -> None:
+    """One camera session: recorded into a new folder of active/ while it streams live, then
+    filed through the same lifecycle as a dropped folder."""
     try:
-        claim = await trio.to_thread.run_sync(lambda: spool.create_active(name, source="camera"))
+        claim = await trio.to_thread.run_sync(lambda: ctx.spool.create_active(name, source="camera"))
     except SpoolError as err:
-        log.error("camera_session_not_recorded", session=name, problem=str(err))
+        log.error("camera_session_not_recorded", session=name, reason=str(err))
         async with frames:
             pass  # closing our end ends the capture: nothing can be kept
         return
-    with structlog.contextvars.bound_contextvars(source="camera", session=claim.name, datapt_id=claim.datapt_id):
-        daemon.in_flight.add(claim)
-        daemon.changed()
+
+    async def stream() -> Outcome:
         counts = _Counts()
         delivered: Delivered | None = None
-        filed = False
-        try:
-            live_send, live_receive = trio.open_memory_channel[CapturedFrame](cfg.stream.send_queue)
-            go_live = daemon.gate.state in ("up", "unknown")
-            if not go_live:
-                log.info("camera_live_skipped", reason=f"backend {daemon.gate.state}", then="store and forward")
-                live_send.close()
-            async with open_nursery() as nursery:
-                nursery.start_soon(_record, claim, frames, live_send if go_live else None, counts, daemon.limiter)
-                if go_live:
-                    delivered = await _stream_live(daemon, claim, live_receive)
-            log.info("camera_session_captured", frames=counts.recorded, live_dropped=counts.live_dropped)
-            if counts.recorded == 0:
-                await trio.to_thread.run_sync(lambda: spool.fail(claim, {"session": claim.name,
-                                                                         "reason": "the camera delivered no frame"}))
-            elif delivered is not None:
-                result = delivered.result(source="camera", frames_recorded=counts.recorded,
-                                          frames_dropped_live=counts.live_dropped)
-                await trio.to_thread.run_sync(lambda: spool.finish(claim, result))
-                daemon.finished += 1
-            else:
-                await trio.to_thread.run_sync(lambda: spool.handoff(claim))
-                log.info("camera_session_stored", frames=counts.recorded, then="streamed from incoming/")
-            filed = True
-        except SpoolError as err:
-            log.error("spool_write_failed", problem=str(err))
-        finally:
-            daemon.in_flight.discard(claim)
-            daemon.changed()
-            if not filed and claim.held:
-                with trio.move_on_after(CLEANUP_DEADLINE, shield=True):
-                    await trio.to_thread.run_sync(_handoff_quietly, spool, claim)
+        live_send, live_receive = trio.open_memory_channel[CapturedFrame](ctx.cfg.stream.send_queue)
+        go_live = ctx.gate.state in ("up", "unknown")
+        if not go_live:
+            log.info("camera_live_skipped", reason=f"backend {ctx.gate.state}", then="store and forward")
+            live_send.close()
+        async with open_nursery() as nursery:
+            nursery.start_soon(_record, claim, frames, live_send if go_live else None, counts, ctx.limiter)
+            if go_live:
+                delivered = await _stream_live(ctx, claim, live_receive)
+        log.info("camera_session_recorded", frames=counts.recorded, live_dropped=counts.live_dropped,
+                 streamed_live=delivered is not None)
+        if counts.recorded == 0:
+            raise NoFramesError("the camera delivered no frame")
+        if delivered is None:
+            log.info("camera_session_stored", frames=counts.recorded, then="streamed from incoming/")
+            return Store()
+        return Done(delivered.result(source="camera", frames_recorded=counts.recorded,
+                                     frames_dropped_live=counts.live_dropped))
+
+    await run_session(ctx, claim, stream, on_shutdown="handoff")
 
 
 async def _record(
@@ -120,7 +102,7 @@ async def _record(
             await trio.to_thread.run_sync(write_frame, claim.path, frame, limiter=limiter)
             counts.recorded += 1
         except (OSError, CairedError) as err:
-            log.error("camera_frame_not_recorded", frame=frame.timestamp, problem=str(err))
+            log.error("camera_frame_not_recorded", frame=frame.timestamp, reason=str(err))
         finally:
             writers.release()
 
@@ -142,27 +124,22 @@ async def _record(
 
 
 async def _stream_live(
-    daemon: Daemon, claim: Claim, frames: trio.MemoryReceiveChannel[CapturedFrame]
+    ctx: Context, claim: Claim, frames: trio.MemoryReceiveChannel[CapturedFrame]
 ) -> Delivered | None:
-    cfg = attrs.evolve(daemon.cfg, stream=attrs.evolve(daemon.cfg.stream, fps=0.0))  # the camera paces
+    cfg = attrs.evolve(ctx.cfg, stream=attrs.evolve(ctx.cfg.stream, fps=0.0))  # the camera paces
     quality = cfg.stream.jpeg_quality
 
     def encode(frame: CapturedFrame) -> EncodedFrame:
         return encode_image(frame.image, frame.timestamp, quality)
 
     async with frames:
-        source = LiveSource(frames, encode, cfg, daemon.limiter)
+        source = LiveSource(frames, encode, cfg, ctx.limiter)
         try:
-            return await deliver(source, cfg=cfg, gate=daemon.gate, name=claim.name, datapt_id=claim.datapt_id,
-                                 attempts=1, first_attempt=claim.attempts + 1,
-                                 on_attempt=lambda _n: claim.record_attempt())
+            return await deliver(source, cfg=cfg, gate=ctx.gate, name=claim.shown, datapt_id=claim.datapt_id,
+                                 limits=Limits(attempts=1), first_attempt=claim.attempts + 1,
+                                 on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt)
         except (SessionError, NoFramesError) as err:
+            if isinstance(err, SessionError) and err.retry is Retry.NEVER and err.close_code is not None:
+                raise  # the backend refused this session's frames: streaming the recording again sends the same
             log.warning("camera_live_failed", reason=str(err), then="store and forward")
             return None
-
-
-def _handoff_quietly(spool: Spool, claim: Claim) -> None:
-    try:
-        spool.handoff(claim)
-    except SpoolError as err:
-        log.error("camera_handoff_failed", problem=str(err))

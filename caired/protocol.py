@@ -123,6 +123,7 @@ class CloseKind(enum.Enum):
     RETRY = "retry"  # transient: retry with backoff
     RETRY_SLOW = "retry_slow"  # the server asked for time: retry with a longer backoff
     REJECTED = "rejected"  # key or path: a configuration error, no blind retry
+    SESSION = "session"  # the backend failed this session (1011, application codes): limited retries
     TOO_BIG = "too_big"  # this session's payload is the problem
     PROTOCOL = "protocol"  # the server refused our messages: retrying sends the same
 
@@ -139,7 +140,9 @@ def classify_close(code: int | None) -> CloseKind:
         return CloseKind.RETRY_SLOW
     if code in (1002, 1003, 1007):
         return CloseKind.PROTOCOL
-    return CloseKind.RETRY  # 1001, 1006, 1011, 1005, unknown and application codes
+    if code == 1011 or (code is not None and 4000 <= code <= 4999):
+        return CloseKind.SESSION
+    return CloseKind.RETRY  # 1001, 1006, 1005 and unknown codes
 
 
 def classify_status(status: int) -> CloseKind:

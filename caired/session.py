@@ -4,7 +4,9 @@
 daemon. Every attempt starts encoding before it connects (the first frame leaves as
 soon as the connection opens), restarts from the first frame on a new connection,
 and keeps the session's one ``datapt_id``. Failures are retried through the shared
-``Gate``; permanent ones (payload too big, protocol rejection, no frames) are not.
+``Gate``; failures after the backend took the session are retried a limited number of
+times with the session's own backoff; permanent ones (payload too big, protocol
+rejection, no frames) are not retried.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import trio
 
 from caired.attempt import Finished, Tally, stream
 from caired.config import Config
-from caired.errors import BackendUnavailable, KeyRejected, NoFramesError, SessionError
+from caired.errors import BackendUnavailable, KeyRejected, NoFramesError, Retry, SessionError
 from caired.protocol import Answer
 from caired.sources import FrameSource
 from caired.uplink import Gate, connect, endpoint
@@ -59,6 +61,21 @@ def _iso(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@attrs.frozen(kw_only=True)
+class Limits:
+    """How often a session is tried. None: without limit.
+
+    ``attempts`` bounds every attempt (``caired stream --retries``, a live camera session);
+    ``accepted_failures`` only the failures after the backend took the session (1011, no
+    ``finished``, application close codes), which the daemon retries a few times and then
+    files: connection failures (refused, down, timeouts, 1001, 1006, 1012, 1013) never count.
+    """
+
+    attempts: int | None = None
+    accepted_failures: int | None = None
+    reject_is_final: bool = True  # a rejected key (or path) ends the session at once
+
+
 async def deliver(
     source: FrameSource,
     *,
@@ -66,22 +83,24 @@ async def deliver(
     gate: Gate,
     name: str,
     datapt_id: str,
-    attempts: int = 0,
+    limits: Limits = Limits(),
     first_attempt: int = 1,
     on_attempt: Callable[[int], Any] | None = None,
+    on_attempt_end: Callable[[], Any] | None = None,
     tally: Tally | None = None,
     on_answer: Callable[[Answer], None] | None = None,
-    reject_is_final: bool = True,
 ) -> Delivered:
-    """Stream ``source`` until ``finished``; ``attempts`` = 0 retries without limit.
+    """Stream ``source`` until ``finished``, trying again as ``limits`` allow.
 
-    Raises the last SessionError when it is permanent, when the attempts run out, or
-    (with ``reject_is_final``) when the key is rejected; NoFramesError when nothing is
-    left to send.
+    ``on_attempt(n)`` runs (in a worker thread) before attempt ``n``, ``on_attempt_end()``
+    after it, however it ended short of the process dying. Raises the last SessionError
+    when it cannot succeed by trying again or the limits are reached; NoFramesError when
+    nothing is left to send.
     """
     started = time.time()
     target = endpoint(cfg.backend).shown
     connected_ever = False
+    accepted_failures = 0
     attempt = first_attempt - 1
     while True:
         attempt += 1
@@ -93,19 +112,37 @@ async def deliver(
                                           tally=tally, on_answer=on_answer)
             except SessionError as err:
                 connected_ever = connected_ever or err.connected
-                final = err.permanent or (reject_is_final and isinstance(err, KeyRejected))
-                out_of_attempts = attempts > 0 and attempt - first_attempt + 1 >= attempts
-                if final or out_of_attempts:
+                if err.retry is Retry.SESSION:
+                    accepted_failures += 1
+                final = err.retry is Retry.NEVER or (limits.reject_is_final and isinstance(err, KeyRejected))
+                out_of_attempts = limits.attempts is not None and attempt - first_attempt + 1 >= limits.attempts
+                out_of_accepted = limits.accepted_failures is not None and accepted_failures >= limits.accepted_failures
+                if final or out_of_attempts or out_of_accepted:
                     log.error("session_failed", reason=err.reason, close_code=err.close_code, attempts=attempt)
                     if out_of_attempts and not final and not connected_ever:
                         raise BackendUnavailable(
                             f"{err.reason} (gave up after {attempt} attempts)", connected=False
                         ) from None
+                    if out_of_accepted and not final:
+                        raise SessionError(
+                            f"{err.reason} (gave up after {accepted_failures} failures once the backend had "
+                            "taken the session)", close_code=err.close_code, retry=Retry.NEVER
+                        ) from None
                     raise
-                log.warning("session_retry", reason=err.reason, close_code=err.close_code,
-                            delay=round(max(0.0, gate.next_attempt - trio.current_time()), 3),
-                            backoff=round(gate.last_delay, 3))
+                if err.retry is Retry.SESSION:  # this session's own backoff: the others are not slowed down
+                    delay = gate.delay(accepted_failures)
+                    log.warning("session_retry", reason=err.reason, close_code=err.close_code, delay=round(delay, 3),
+                                backoff=round(delay, 3), failures=accepted_failures)
+                    await trio.sleep(delay)
+                else:
+                    log.warning("session_retry", reason=err.reason, close_code=err.close_code,
+                                delay=round(max(0.0, gate.next_attempt - trio.current_time()), 3),
+                                backoff=round(gate.last_delay, 3))
                 continue
+            finally:
+                if on_attempt_end is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(on_attempt_end)
             gate.succeeded()
             log.info("session_finished", hr=finished.hr, frames_sent=finished.sent, frames_skipped=finished.skipped,
                      answers=finished.answers, attempts=attempt, seconds=round(time.time() - started, 3))

@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from caired.config import Config
-from caired.errors import FrameError, NoFramesError, SessionError
+from caired.errors import FrameError, NoFramesError, Retry, SessionError
 from caired.frames import RAW_BATCH, EncodedFrame, FrameRef, Result, encode_pipeline, encoder, list_frames
 
 log = structlog.get_logger()
@@ -119,7 +119,7 @@ class LiveSource:
     @asynccontextmanager
     async def open(self) -> AsyncIterator[Feed]:
         if self._used:
-            raise SessionError("a live session cannot be streamed twice", permanent=True)
+            raise SessionError("a live session cannot be streamed twice", retry=Retry.NEVER)
         self._used = True
         depth = self.cfg.stream.send_queue
         async with encode_pipeline(self.channel, self.encode, depth=depth, limiter=self.limiter) as chan:

@@ -24,7 +24,7 @@ import trio
 import trio_websocket
 
 from caired.config import BackendConfig, RetryConfig
-from caired.errors import BackendUnavailable, CairedError, KeyRejected, SessionError
+from caired.errors import BackendUnavailable, CairedError, KeyRejected, Retry, SessionError, WrongPath
 from caired.protocol import CloseKind, auth_headers, build_url, classify_close, classify_status, redact_url
 
 log = structlog.get_logger()
@@ -72,15 +72,22 @@ async def connect(cfg: BackendConfig) -> AsyncIterator[trio_websocket.WebSocketC
     except trio_websocket.ConnectionRejected as exc:
         status = int(exc.status_code)
         kind = classify_status(status)
+        if status == 404:
+            raise WrongPath(
+                f"the backend has no WebSocket at {target.shown} (HTTP 404): check the URL's path "
+                "(the backend's is /ws/)",
+                connected=False,
+            ) from None
         if kind is CloseKind.REJECTED:
+            sent = "check the API key" if cfg.api_key.reveal() else "no API key was sent: set one (api_key_file)"
             raise KeyRejected(
-                f"the backend rejected the connection (HTTP {status}) at {target.shown}: check the API key and URL",
+                f"the backend rejected the connection (HTTP {status}) at {target.shown}: {sent}",
                 connected=False,
             ) from None
         raise BackendUnavailable(
             f"the backend refused the handshake (HTTP {status})",
             connected=False,
-            retry_slow=kind is CloseKind.RETRY_SLOW,
+            retry=Retry.SLOW if kind is CloseKind.RETRY_SLOW else Retry.BACKOFF,
         ) from None
     except trio_websocket.ConnectionTimeout:
         raise BackendUnavailable(
@@ -109,16 +116,19 @@ def classify_closed(reason: Any) -> SessionError:
     described = f"closed with {code}" + (f" ({text})" if text else "") if code is not None else "connection lost"
     kind = classify_close(code)
     if kind is CloseKind.REJECTED:
-        return KeyRejected(
-            f"the backend {described}: check the API key and the URL path", close_code=code
-        )
+        if "path" in str(text).lower():
+            return WrongPath(f"the backend {described}: check the URL's path (the backend's is /ws/)", close_code=code)
+        return KeyRejected(f"the backend {described}: check the API key", close_code=code)
     if kind is CloseKind.TOO_BIG:
-        return SessionError(f"the backend {described}: a frame is too big", close_code=code, permanent=True)
+        return SessionError(f"the backend {described}: a frame is too big", close_code=code, retry=Retry.NEVER)
     if kind is CloseKind.PROTOCOL:
-        return SessionError(f"the backend {described}: it refused our messages", close_code=code, permanent=True)
+        return SessionError(f"the backend {described}: it refused our messages", close_code=code, retry=Retry.NEVER)
     if kind is CloseKind.SUCCESS:
-        return SessionError(f"the backend {described} before 'finished'", close_code=code)
-    return SessionError(f"the backend {described}", close_code=code, retry_slow=kind is CloseKind.RETRY_SLOW)
+        return SessionError(f"the backend {described} before 'finished'", close_code=code, retry=Retry.SESSION)
+    if kind is CloseKind.SESSION:
+        return SessionError(f"the backend {described}", close_code=code, retry=Retry.SESSION)
+    return SessionError(f"the backend {described}", close_code=code,
+                        retry=Retry.SLOW if kind is CloseKind.RETRY_SLOW else Retry.BACKOFF)
 
 
 def _describe(exc: BaseException) -> str:
@@ -210,18 +220,19 @@ class Gate:
 
     def failed(self, error: SessionError) -> float:
         """Record a failed attempt; returns the delay before the next one."""
-        if error.permanent:
-            return 0.0  # this session's payload is the problem, not the backend
+        if error.retry in (Retry.NEVER, Retry.SESSION):
+            return 0.0  # this session is the problem, not the backend: the session keeps its own backoff
         now = trio.current_time()
         if isinstance(error, KeyRejected):
             if self.state != "rejected":
-                log.error("backend_rejected_key", reason=error.reason, probe_seconds=self.retry.rejected_probe)
+                event = "backend_wrong_path" if isinstance(error, WrongPath) else "backend_rejected_key"
+                log.error(event, reason=error.reason, probe_seconds=self.retry.rejected_probe)
             self.state = "rejected"
             delay = self.retry.rejected_probe
         else:
             self.failures += 1
             if not error.connected:
                 self.state = "down"
-            delay = self.delay(self.failures, slow=error.retry_slow)
+            delay = self.delay(self.failures, slow=error.retry is Retry.SLOW)
         self.next_attempt = max(self.next_attempt, now + delay)
         return delay

@@ -13,8 +13,9 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from caired.config import Config
-from caired.daemon import Daemon, serve
+from caired.daemon import serve
 from caired.emulator.server import BackendOptions, BackendState, Faults, serve_backend
+from caired.lifecycle import Context
 from caired.systemd import Notifier
 from tests.conftest import BackendFactory, free_port, make_config, write_video
 
@@ -35,8 +36,8 @@ def camera_config(port: int, tmp_path: Path, **env: str) -> Config:
     return make_config(port, **{**settings, **env})
 
 
-async def start_daemon(nursery: trio.Nursery, cfg: Config) -> Daemon:
-    daemon: Daemon = await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None),
+async def start_daemon(nursery: trio.Nursery, cfg: Config) -> Context:
+    daemon: Context = await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None),
                                                                    task_status=task_status))
     return daemon
 

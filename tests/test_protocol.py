@@ -84,8 +84,9 @@ def test_answers_keep_everything_and_read_the_hr() -> None:
     ("code", "kind"),
     [
         (1000, CloseKind.SUCCESS), (1001, CloseKind.RETRY), (1006, CloseKind.RETRY), (1008, CloseKind.REJECTED),
-        (1009, CloseKind.TOO_BIG), (1011, CloseKind.RETRY), (1012, CloseKind.RETRY_SLOW),
-        (1013, CloseKind.RETRY_SLOW), (1007, CloseKind.PROTOCOL), (None, CloseKind.RETRY), (4000, CloseKind.RETRY),
+        (1009, CloseKind.TOO_BIG), (1011, CloseKind.SESSION), (1012, CloseKind.RETRY_SLOW),
+        (1013, CloseKind.RETRY_SLOW), (1007, CloseKind.PROTOCOL), (None, CloseKind.RETRY),
+            (4000, CloseKind.SESSION), (4999, CloseKind.SESSION), (1001, CloseKind.RETRY),
     ],
 )
 def test_close_codes_are_told_apart(code: int | None, kind: CloseKind) -> None:

@@ -12,17 +12,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 import structlog
-import trio
-import watchfiles
 
+from caired import fsops
 from caired import spool as spool_module
-from caired.errors import CairedError, ExitCode
+from caired.errors import CairedError, ExitCode, SpoolError
+from caired.fsops import write_json_atomic
 from caired.spool import (
     ERROR_FILE,
     LOCK_FILE,
@@ -31,9 +30,6 @@ from caired.spool import (
     SESSION_FILE,
     Claim,
     Spool,
-    SpoolError,
-    watch,
-    write_json_atomic,
 )
 
 
@@ -86,9 +82,16 @@ def drop(spool: Spool, name: str, frames: int = 3) -> Path:
 
 def settling(spool: Spool) -> float:
     """Seconds until the next look may find a folder ready; fails if one is ready now."""
-    names, wait = spool.ready()
-    assert names == [] and wait is not None
-    return wait
+    scan = spool.scan()
+    assert scan.ready == [] and scan.settle_in is not None
+    return scan.settle_in
+
+
+def ready_now(spool: Spool) -> list[str]:
+    """The folders ready now; fails if a folder is still settling."""
+    scan = spool.scan()
+    assert scan.settle_in is None
+    return scan.ready
 
 
 def session_of(folder: Path) -> dict[str, Any]:
@@ -224,26 +227,26 @@ def test_marker_makes_a_folder_ready(spool: Spool) -> None:
     folder = make_folder(spool.incoming / "fresh")
     assert settling(spool) == pytest.approx(5.0, abs=0.2)
     (folder / READY_MARKER).touch()
-    assert spool.ready() == (["fresh"], None)
+    assert ready_now(spool) == ["fresh"]
 
 
 def test_folder_moved_in_after_being_written_is_ready_at_once(spool: Spool, clock: FakeClock) -> None:
     make_folder(spool.tmp / "recorded")
     clock.advance(60)  # written a minute ago
     os.rename(spool.tmp / "recorded", spool.incoming / "recorded")  # the rename changes the ctime only
-    assert spool.ready() == (["recorded"], None)
+    assert ready_now(spool) == ["recorded"]
 
 
 def test_folder_being_written_waits_until_settled(spool: Spool, clock: FakeClock) -> None:
     folder = make_folder(spool.incoming / "copying", frames=2)
-    names, wait = spool.ready()
+    names, wait = (scan := spool.scan()).ready, scan.settle_in
     assert names == [] and wait == pytest.approx(5.0, abs=0.2)
     clock.advance(3)
     (folder / "late.png").write_bytes(b"more")  # still being written
-    names, wait = spool.ready()
+    names, wait = (scan := spool.scan()).ready, scan.settle_in
     assert names == [] and wait is not None and 4.0 < wait <= 8.1
     clock.advance(wait)
-    assert spool.ready() == (["copying"], None)
+    assert ready_now(spool) == ["copying"]
 
 
 def test_a_change_seen_resets_the_settle_time_even_with_old_mtimes(spool: Spool, clock: FakeClock) -> None:
@@ -251,16 +254,16 @@ def test_a_change_seen_resets_the_settle_time_even_with_old_mtimes(spool: Spool,
     clock.advance(60)  # everything on disk is a minute old
     folder = spool.incoming / "x"
     os.rename(spool.tmp / "x", folder)
-    assert spool.ready()[0] == ["x"]  # a look at a quiet folder...
+    assert spool.scan().ready == ["x"]  # a look at a quiet folder...
     # ...then a file grows while its times stay old (the clock runs a minute ahead of the disk)
     first = sorted(folder.glob("*.png"))[0]
     st = first.stat()
     first.write_bytes(b"grown" * 100)
     os.utime(first, ns=(st.st_atime_ns, st.st_mtime_ns))
     clock.advance(1)
-    assert settling(spool) == pytest.approx(5.0 + spool_module._SETTLE_SLACK)
+    assert settling(spool) == pytest.approx(5.0)
     clock.advance(5)
-    assert spool.ready() == (["x"], None)
+    assert ready_now(spool) == ["x"]
 
 
 def test_restored_mtimes_still_wait_for_the_ctimes(spool: Spool, clock: FakeClock) -> None:
@@ -268,7 +271,7 @@ def test_restored_mtimes_still_wait_for_the_ctimes(spool: Spool, clock: FakeCloc
     make_folder(spool.incoming / "archived", old=3600)
     assert settling(spool) == pytest.approx(5.0, abs=0.2)
     clock.advance(5.2)
-    assert spool.ready() == (["archived"], None)
+    assert ready_now(spool) == ["archived"]
 
 
 def test_future_mtimes_count_from_the_first_look(spool: Spool, clock: FakeClock) -> None:
@@ -279,9 +282,9 @@ def test_future_mtimes_count_from_the_first_look(spool: Spool, clock: FakeClock)
     os.utime(folder, (future, future))
     clock.advance(60)
     os.rename(folder, spool.incoming / "skewed")
-    assert settling(spool) == pytest.approx(5.0 + spool_module._SETTLE_SLACK)
+    assert settling(spool) == pytest.approx(5.0)
     clock.advance(5)
-    assert spool.ready() == (["skewed"], None)
+    assert ready_now(spool) == ["skewed"]
 
 
 def test_ready_lists_oldest_first(spool: Spool, clock: FakeClock) -> None:
@@ -289,7 +292,7 @@ def test_ready_lists_oldest_first(spool: Spool, clock: FakeClock) -> None:
         drop(spool, name)
         then = clock.now - age
         os.utime(spool.incoming / name, (then, then))
-    assert spool.ready() == (["a", "c", "b"], None)
+    assert ready_now(spool) == ["a", "c", "b"]
 
 
 def test_dot_names_and_plain_files_are_ignored(spool: Spool) -> None:
@@ -299,8 +302,8 @@ def test_dot_names_and_plain_files_are_ignored(spool: Spool) -> None:
     (spool.incoming / "link").symlink_to(spool.tmp)
     drop(spool, "real")
     with structlog.testing.capture_logs() as logs:
-        assert spool.ready() == (["real"], None)
-        assert spool.ready() == (["real"], None)
+        assert ready_now(spool) == ["real"]
+        assert ready_now(spool) == ["real"]
     ignored = [e for e in logs if e["event"] == "incoming_ignored"]
     assert sorted(e["name"] for e in ignored) == ["link", "notes.txt"]  # once each
 
@@ -326,6 +329,8 @@ def test_claim_moves_to_active_with_a_session_file(spool: Spool) -> None:
     assert session == {
         "datapt_id": claim.datapt_id,
         "attempts": 0,
+        "crashes": 0,
+        "in_attempt": False,
         "first_claimed_at": claim.first_claimed_at,
         "source": "drop",
         "name": "s1",
@@ -350,7 +355,7 @@ def lock_elsewhere(folder: Path) -> int:
     claimer would; close the returned descriptor to let go."""
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, spool_module._WHOLE_FILE_WRITE_LOCK)
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, fsops.WHOLE_FILE_WRITE_LOCK)
     except OSError:
         os.close(fd)
         raise
@@ -420,7 +425,7 @@ def test_claim_gives_up_when_what_it_locked_is_no_longer_in_place(
     dropped under its name, or the lock file was unlinked and created anew: the lock taken
     guards neither, so the claim must not move anything."""
     folder = drop(spool, "s1")
-    lock_for_real = spool_module._try_lock
+    lock_for_real = fsops.try_lock
 
     def change_then_lock(fd: int) -> bool:
         if meanwhile == "the folder was replaced":
@@ -431,7 +436,7 @@ def test_claim_gives_up_when_what_it_locked_is_no_longer_in_place(
             (folder / LOCK_FILE).touch()
         return lock_for_real(fd)
 
-    monkeypatch.setattr(spool_module, "_try_lock", change_then_lock)
+    monkeypatch.setattr(fsops, "try_lock", change_then_lock)
     assert spool.claim("s1") is None
     monkeypatch.undo()
     assert listing(spool.active) == []
@@ -597,7 +602,7 @@ def test_folder_of_a_killed_process_is_recovered_with_its_datapt_id(spool: Spool
     folder = spool.incoming / "held"
     assert session_of(folder)["datapt_id"] == datapt_id
     assert (folder / READY_MARKER).exists()
-    assert spool.ready() == (["held"], None)
+    assert ready_now(spool) == ["held"]
     again = spool.claim("held")
     assert again is not None and again.datapt_id == datapt_id and again.attempts == 1
 
@@ -631,7 +636,7 @@ def test_closing_another_descriptor_of_the_lock_file_keeps_the_claim(spool: Spoo
 
 _LOCK_HOLDER = """
 import fcntl, os, sys, time
-from caired.spool import _WHOLE_FILE_WRITE_LOCK
+from caired.fsops import WHOLE_FILE_WRITE_LOCK as _WHOLE_FILE_WRITE_LOCK
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
 fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _WHOLE_FILE_WRITE_LOCK)
 print("LOCKED", flush=True)
@@ -720,10 +725,9 @@ def test_a_dropped_folder_gone_stale_on_nfs_is_skipped(spool: Spool, monkeypatch
     """ESTALE on opening incoming/X: another machine took or removed it; not an error, not a claim."""
     drop(spool, "s1")
     real_open = os.open
-    stale = str(spool.incoming / "s1")
 
     def open_stale(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
-        if str(path) == stale:
+        if str(path) == "s1" and dir_fd is not None:  # incoming/s1, opened relative to incoming/
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
@@ -751,7 +755,7 @@ def test_datapt_id_persists_across_release_and_claim(spool: Spool) -> None:
         back = spool.release(claim)
     assert back == spool.incoming / "s1" and not claim.held and claim.path == back
     assert [e["event"] for e in logs] == ["folder_released"]
-    assert spool.ready() == (["s1"], None)
+    assert ready_now(spool) == ["s1"]
     again = spool.claim("s1")
     assert again is not None
     assert (again.datapt_id, again.attempts, again.first_claimed_at) == (
@@ -862,7 +866,7 @@ def test_crash_after_the_outcome_file_finishes_the_move_exactly_once(
     claim = spool.claim("s1")
     assert claim is not None
     write_json_atomic(claim.path / outcome, _result(claim))
-    (claim.path / f".{outcome}.dead{spool_module._TMP_SUFFIX}").write_text('{"half')  # an interrupted write
+    (claim.path / f".{outcome}.dead{fsops.TMP_SUFFIX}").write_text('{"half')  # an interrupted write
     _die_holding(spool, claim)
     restarted = Spool(spool.root, clock=clock)
     with structlog.testing.capture_logs() as logs:
@@ -873,7 +877,7 @@ def test_crash_after_the_outcome_file_finishes_the_move_exactly_once(
     assert listing(spool.active) == [] and listing(spool.incoming) == []  # never streamed again
     folder = spool.root / parent / "s1"
     assert json.loads((folder / outcome).read_text())["datapt_id"] == claim.datapt_id
-    assert not any(p.name.endswith(spool_module._TMP_SUFFIX) for p in folder.iterdir())
+    assert not any(p.name.endswith(fsops.TMP_SUFFIX) for p in folder.iterdir())
     assert (folder / LOCK_FILE).is_file()  # temporaries go, the lock file stays
 
 
@@ -887,11 +891,17 @@ def test_crash_before_the_outcome_file_streams_again(spool: Spool, clock: FakeCl
     assert session_of(spool.incoming / "s1")["attempts"] == 1
 
 
-def test_a_finished_folder_in_incoming_is_not_streamed_again(spool: Spool) -> None:
+def test_a_result_json_in_incoming_is_set_aside_not_trusted(spool: Spool) -> None:
+    """Only caired writes result.json, in active/: one found in a dropped folder was planted (or
+    the folder was moved back by hand to be streamed again), so it must not file the folder as done."""
     folder = drop(spool, "s1")
     write_json_atomic(folder / RESULT_FILE, {"hr": 70})
-    assert spool.claim("s1") is None
-    assert listing(spool.done) == ["s1"] and listing(spool.active) == []
+    with structlog.testing.capture_logs() as logs:
+        claim = spool.claim("s1")
+    assert claim is not None and listing(spool.done) == []
+    assert not (claim.path / RESULT_FILE).exists()
+    assert json.loads((claim.path / spool_module.PREVIOUS_RESULT_FILE).read_text()) == {"hr": 70}
+    assert [e["file"] for e in logs if e["event"] == "control_file_set_aside"] == [RESULT_FILE]
 
 
 def test_release_of_a_finished_folder_goes_to_done(spool: Spool) -> None:
@@ -940,7 +950,7 @@ def test_create_active_then_handoff_streams_later_like_a_drop(spool: Spool) -> N
     with structlog.testing.capture_logs() as logs:
         moved = spool.handoff(claim)
     assert moved == spool.incoming / "cam-1" and [e["event"] for e in logs] == ["folder_handed_off"]
-    assert spool.ready() == (["cam-1"], None)
+    assert ready_now(spool) == ["cam-1"]
     later = spool.claim("cam-1")
     assert later is not None and (later.datapt_id, later.source) == (claim.datapt_id, "camera")
 
@@ -992,143 +1002,6 @@ def test_recover_leaves_a_young_unlocked_staging_folder_to_its_builder(spool: Sp
     assert listing(spool.tmp) == []
 
 
-# ---------------------------------------------------------------------------------------------
-# watching
-
-
-async def test_watch_pokes_when_a_folder_is_moved_in(tmp_path: Path) -> None:
-    s = Spool(tmp_path / "spool", settle_seconds=0.0)
-    s.prepare()
-    send, receive = trio.open_memory_channel[None](1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
-        with trio.fail_after(1):
-            await receive.receive()  # the first scan at start
-        make_folder(s.tmp / "new")
-        start = trio.current_time()
-        os.rename(s.tmp / "new", s.incoming / "new")
-        with trio.fail_after(1.5):
-            await receive.receive()
-        assert trio.current_time() - start < 1.0
-        assert s.ready() == (["new"], None)
-        nursery.cancel_scope.cancel()
-
-
-async def test_watch_stops_promptly_when_cancelled(tmp_path: Path) -> None:
-    s = Spool(tmp_path / "spool")
-    s.prepare()
-    calls: list[None] = []
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(2):
-            await nursery.start(
-                lambda task_status: watch(s, lambda: calls.append(None), rescan_seconds=60, task_status=task_status)
-            )
-        await trio.sleep(0.3)  # the watcher thread is waiting for changes
-        nursery.cancel_scope.cancel()
-        cancelled_at = trio.current_time()
-    assert trio.current_time() - cancelled_at < 1.0
-    assert calls  # the first scan poked
-
-
-def _quiet_awatch(*args: Any, stop_event: Any, **kwargs: Any) -> AsyncIterator[set[Any]]:
-    """A watcher that is established and then sees nothing: only rescans can poke."""
-
-    async def generator() -> AsyncIterator[set[Any]]:
-        stop_event.is_set()  # the first look at the flag says "established"
-        await trio.to_thread.run_sync(stop_event._stop.wait)
-        return
-        yield set()
-
-    return generator()
-
-
-async def test_rescan_pokes_without_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(watchfiles, "awatch", _quiet_awatch)
-    s = Spool(tmp_path / "spool", settle_seconds=0.0)
-    s.prepare()
-    poked: list[float] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: watch(
-                s, lambda: poked.append(trio.current_time()), rescan_seconds=0.2, task_status=task_status
-            )
-        )
-        await trio.sleep(0.7)
-        nursery.cancel_scope.cancel()
-    assert len(poked) >= 3  # at start, then every 0.2 s
-
-
-async def test_rescan_recovers_orphans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(watchfiles, "awatch", _quiet_awatch)
-    s = Spool(tmp_path / "spool", settle_seconds=0.0)
-    s.prepare()
-    drop(s, "orphan")
-    claim = Spool(s.root).claim("orphan")
-    assert claim is not None
-    _die_holding(s, claim)
-    send, receive = trio.open_memory_channel[None](1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
-        with trio.fail_after(1):
-            await receive.receive()
-        assert s.ready() == (["orphan"], None)
-        nursery.cancel_scope.cancel()
-
-
-async def test_watch_pokes_again_when_a_settling_folder_is_ready(tmp_path: Path) -> None:
-    s = Spool(tmp_path / "spool", settle_seconds=0.5)
-    s.prepare()
-    send, receive = trio.open_memory_channel[None](1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
-        with trio.fail_after(1):
-            await receive.receive()
-        make_folder(s.incoming / "copied")  # written in place: must settle
-        start = trio.current_time()
-        with trio.fail_after(3):
-            while True:
-                await receive.receive()
-                if s.ready()[0] == ["copied"]:
-                    break
-        assert trio.current_time() - start >= 0.45
-        nursery.cancel_scope.cancel()
-
-
-async def test_watch_falls_back_to_polling_without_inotify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args: Any, **kwargs: Any) -> AsyncIterator[set[Any]]:
-        async def generator() -> AsyncIterator[set[Any]]:
-            raise OSError(errno.ENOSPC, "OS file watch limit reached")
-            yield set()
-
-        return generator()
-
-    monkeypatch.setattr(watchfiles, "awatch", broken)
-    monkeypatch.setattr(spool_module, "POLL_SECONDS", 0.1)
-    s = Spool(tmp_path / "spool", settle_seconds=0.0)
-    s.prepare()
-    send, receive = trio.open_memory_channel[None](1)
-    with structlog.testing.capture_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: watch(s, send, rescan_seconds=60, task_status=task_status))
-            with trio.fail_after(1):
-                await receive.receive()
-            drop(s, "late")
-            with trio.fail_after(1):
-                await receive.receive()
-            assert s.ready() == (["late"], None)
-            nursery.cancel_scope.cancel()
-    assert [e["event"] for e in logs].count("spool_watch_polling") == 1
-
-
-async def test_watch_returns_when_the_consumer_closes_the_channel(tmp_path: Path) -> None:
-    s = Spool(tmp_path / "spool", settle_seconds=0.0)
-    s.prepare()
-    send, receive = trio.open_memory_channel[None](1)
-    await receive.aclose()
-    with trio.fail_after(1):
-        await watch(s, send, rescan_seconds=60)
-
-
 def test_full_disk_at_claim_gives_the_folder_back(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     drop(spool, "s1")
 
@@ -1140,7 +1013,7 @@ def test_full_disk_at_claim_gives_the_folder_back(spool: Spool, monkeypatch: pyt
         spool.claim("s1")
     monkeypatch.undo()
     assert listing(spool.active) == [] and not (spool.incoming / "s1" / SESSION_FILE).exists()
-    assert not any(p.name.endswith(spool_module._TMP_SUFFIX) for p in (spool.incoming / "s1").iterdir())
+    assert not any(p.name.endswith(fsops.TMP_SUFFIX) for p in (spool.incoming / "s1").iterdir())
     assert spool.claim("s1") is not None  # not left locked
 
 

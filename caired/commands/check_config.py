@@ -25,8 +25,8 @@ import attrs
 
 from caired.cli import add_common, command
 from caired.config import Config, Secret, iter_fields, key_file_warning
-from caired.errors import ConfigError, ExitCode
-from caired.spool import FOLDERS, MOUNTINFO, SpoolError, check_shared_locks
+from caired.errors import ConfigError, ExitCode, SpoolError
+from caired.spool import FOLDERS, MOUNTINFO, check_shared_locks
 
 PROG: Final = "caired check-config"
 

@@ -18,7 +18,7 @@ from caired.config import Config
 from caired.frames import encode_workers
 from caired.progress import progress_line
 from caired.protocol import new_datapt_id
-from caired.session import deliver
+from caired.session import Limits, deliver
 from caired.sources import FolderSource
 from caired.uplink import Gate
 
@@ -68,4 +68,4 @@ async def stream_folder(cfg: Config, directory: Path) -> None:
         tally = Tally()
         async with progress_line(tally):
             await deliver(source, cfg=cfg, gate=Gate(cfg.retry), name=directory.name, datapt_id=datapt_id,
-                          attempts=cfg.retry.attempts, tally=tally)
+                          limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
