@@ -22,6 +22,7 @@ import attrs
 import structlog
 import trio
 import trio_websocket
+from wsproto.utilities import LocalProtocolError
 
 from caired.config import BackendConfig, RetryConfig
 from caired.errors import BackendUnavailable, CairedError, KeyRejected, Retry, SessionError, WrongPath
@@ -55,7 +56,7 @@ async def connect(cfg: BackendConfig) -> AsyncIterator[trio_websocket.WebSocketC
     Errors raised by the block itself pass through untouched.
     """
     target = endpoint(cfg)
-    opened = False
+    opened = done = False
     try:
         async with trio_websocket.open_websocket_url(
             target.url,
@@ -67,6 +68,15 @@ async def connect(cfg: BackendConfig) -> AsyncIterator[trio_websocket.WebSocketC
         ) as ws:
             opened = True
             yield ws
+            done = True
+    except LocalProtocolError as exc:
+        # A ping that arrives after our close frame left: trio-websocket answers it with a pong
+        # that wsproto refuses in LOCAL_CLOSING (trio-websocket issue #184). The connection was
+        # closing anyway: after a finished session that is harmless, before it a lost connection.
+        if done:
+            log.debug("close_race_ignored", reason=str(exc))
+            return
+        raise SessionError(f"the connection broke while closing: {exc}") from None
     except CairedError:
         raise  # the block's own errors pass through
     except trio_websocket.ConnectionRejected as exc:
