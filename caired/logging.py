@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
@@ -67,7 +68,7 @@ class LineSink:
         return text
 
     def emit(self, event: MutableMapping[str, Any]) -> None:
-        line = self.redact(json.dumps(_ordered(event), default=str, ensure_ascii=False)) + "\n"
+        line = _printable(self.redact(_render(event)) + "\n")
         data = line.encode("utf-8")
         with self._lock:
             if self._fd is not None:
@@ -76,7 +77,8 @@ class LineSink:
                 if self._console is not None:
                     if self.before_console_line is not None:
                         self.before_console_line()
-                    self._stdout.write(self.redact(self._console(None, "", _for_console(event))) + "\n")
+                    text = self.redact(self._console(None, "", _for_console(event)))
+                    self._stdout.write(_printable(text) + "\n")
                 else:
                     self._stdout.write(line)
                 self._stdout.flush()
@@ -137,6 +139,7 @@ def configure(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+            structlog.processors.format_exc_info,  # exc_info=True: the traceback as "exception"
             _to_sink_args,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[cfg.log.level]),
@@ -164,6 +167,32 @@ def get_logger(**initial: Any) -> Any:
 
 def _to_sink_args(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
     return (event,), {}
+
+
+_SURROGATE_BYTE: Final = re.compile("[\udc80-\udcff]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with nothing a UTF-8 writer refuses. A file name that is not UTF-8 reaches Python
+    with its bytes as lone surrogates (os.fsdecode): each shows as ``\\xNN``, as caired shows such
+    names everywhere; any other lone surrogate (a backend's "\\udc00") as its escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _SURROGATE_BYTE.sub(lambda m: "\\\\x%02x" % (ord(m.group()) - 0xDC00), text)
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _render(event: Mapping[str, Any]) -> str:
+    """One JSON line; an event that cannot be rendered (nested past the recursion limit, say)
+    still gives a line that says what it was."""
+    try:
+        return json.dumps(_ordered(event), default=str, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError) as exc:
+        fallback = {k: event[k] for k in FIRST_KEYS if k in event and isinstance(event[k], str)}
+        fallback["unrenderable"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return json.dumps(fallback, ensure_ascii=False)
 
 
 def _ordered(event: Mapping[str, Any]) -> dict[str, Any]:
