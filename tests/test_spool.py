@@ -22,6 +22,7 @@ from caired import fsops
 from caired import spool as spool_module
 from caired.errors import CairedError, ExitCode, SpoolError
 from caired.fsops import write_json_atomic
+from caired.protocol import UUID4_RE
 from caired.spool import (
     ERROR_FILE,
     LOCK_FILE,
@@ -1026,3 +1027,134 @@ def test_a_claim_is_named_as_dropped(spool: Spool) -> None:
     assert again is not None and again.name == "renamed" and again.datapt_id == claim.datapt_id
     again.record_attempt()
     assert session_of(again.path)["name"] == "renamed"
+
+
+# ---------------------------------------------------------------------------------------------
+# crash quarantine, hostile names and control files
+
+
+def test_a_folder_that_keeps_killing_caired_is_quarantined(spool: Spool, clock: FakeClock) -> None:
+    drop(spool, "poison")
+    for crash in range(1, 4):
+        claim = Spool(spool.root, clock=clock).claim("poison")
+        assert claim is not None and claim.crashes == crash - 1
+        claim.begin_attempt()  # durable before streaming: what a native crash cannot undo
+        _die_holding(spool, claim)
+        with structlog.testing.capture_logs() as logs:
+            moved = Spool(spool.root, clock=clock).recover()
+        assert moved == ["poison"]
+        if crash < 3:
+            assert listing(spool.incoming) == ["poison"]
+            assert session_of(spool.incoming / "poison")["crashes"] == crash
+    assert listing(spool.incoming) == [] and listing(spool.failed) == ["poison"]
+    error = json.loads((spool.failed / "poison" / ERROR_FILE).read_text())
+    assert error["crashes"] == 3 and "quarantined" in error["reason"]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["folder_failed", "folder_quarantined"]
+
+
+def test_an_attempt_that_ended_or_a_clean_release_is_no_crash(spool: Spool, clock: FakeClock) -> None:
+    drop(spool, "s1")
+    for _ in range(5):
+        claim = spool.claim("s1")
+        assert claim is not None
+        claim.begin_attempt()
+        spool.release(claim)  # shutdown mid-attempt: a release, not a crash
+    claim = spool.claim("s1")
+    assert claim is not None and claim.crashes == 0 and claim.attempts == 5
+    claim.begin_attempt()
+    claim.end_attempt()
+    _die_holding(spool, claim)  # killed between attempts: not while streaming
+    assert Spool(spool.root, clock=clock).recover() == ["s1"]
+    assert session_of(spool.incoming / "s1")["crashes"] == 0
+
+
+@pytest.mark.parametrize(
+    ("planted", "why"),
+    [
+        ({"datapt_id": "ed21c799-9edd-1706-9256-0324a7697adb"}, "UUIDv4"),  # version 1
+        ({"datapt_id": "ED21C799-9EDD-4706-9256-0324A7697ADB"}, "UUIDv4"),  # not canonical
+        ({"datapt_id": "ed21c799-9edd-4706-9256-0324a7697adb", "attempts": -1}, "count"),
+        ({"datapt_id": "ed21c799-9edd-4706-9256-0324a7697adb", "source": "\x00evil"}, "source"),
+        ([1, 2, 3], "object"),
+    ],
+)
+def test_a_planted_session_file_that_does_not_validate_is_set_aside(
+    spool: Spool, planted: Any, why: str
+) -> None:
+    folder = drop(spool, "s1")
+    (folder / SESSION_FILE).write_text(json.dumps(planted))
+    with structlog.testing.capture_logs() as logs:
+        claim = spool.claim("s1")
+    assert claim is not None and UUID4_RE.match(claim.datapt_id) and claim.source == "drop"
+    assert claim.datapt_id != "ed21c799-9edd-4706-9256-0324a7697adb"
+    assert json.loads((claim.path / spool_module.INVALID_SESSION_FILE).read_text()) == planted
+    [aside] = [e for e in logs if e["event"] == "control_file_set_aside"]
+    assert why in aside["reason"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "folder"])
+def test_planted_control_files_that_are_not_regular_files_never_block_a_claim(spool: Spool, kind: str) -> None:
+    folder = drop(spool, "s1")
+    outside = spool.root.parent / "outside.json"
+    outside.write_text(json.dumps({"datapt_id": "ed21c799-9edd-4706-9256-0324a7697adb"}))
+    for name in (SESSION_FILE, LOCK_FILE):
+        if kind == "fifo":
+            os.mkfifo(folder / name)
+        elif kind == "symlink":
+            (folder / name).symlink_to(outside)
+        else:
+            (folder / name).mkdir()
+    claim = spool.claim("s1")  # a FIFO would block a plain open() forever
+    assert claim is not None and claim.held
+    assert claim.datapt_id != "ed21c799-9edd-4706-9256-0324a7697adb"
+    assert stat.S_ISREG(os.lstat(claim.path / LOCK_FILE).st_mode)
+    assert os.path.lexists(claim.path / spool_module.INVALID_LOCK_FILE)
+    spool.finish(claim, {"ok": True})
+    assert outside.read_text().startswith('{"datapt_id"')  # nothing written through the link
+
+
+def test_a_name_that_is_not_utf8_is_claimed_and_filed_under_its_bytes(spool: Spool) -> None:
+    raw = b"caf\xe9"
+    os.mkdir(os.fsencode(spool.tmp) + b"/" + raw)
+    make_folder(spool.tmp / "x")
+    for child in (spool.tmp / "x").iterdir():
+        os.rename(child, os.fsencode(spool.tmp) + b"/" + raw + b"/" + os.fsencode(child.name))
+    open(os.fsencode(spool.tmp) + b"/" + raw + b"/" + READY_MARKER.encode(), "wb").close()
+    os.rename(os.fsencode(spool.tmp) + b"/" + raw, os.fsencode(spool.incoming) + b"/" + raw)
+    [name] = spool.scan().ready or [""]
+    assert os.fsencode(name) == raw
+    claim = spool.claim(name)
+    assert claim is not None and claim.shown == "caf\\xe9"
+    session = session_of(claim.path)
+    assert session["name"] == "caf\\xe9" and bytes.fromhex(session["name_hex"]) == raw
+    spool.release(claim)
+    again = spool.claim(name)
+    assert again is not None and os.fsencode(again.name) == raw and again.datapt_id == claim.datapt_id
+    spool.finish(again, {"ok": True})
+    assert os.listdir(os.fsencode(spool.done)) == [raw]
+
+
+def test_a_long_name_that_clashes_in_done_is_filed_under_a_shortened_name(spool: Spool) -> None:
+    name = "x" * 255
+    (spool.done / name).mkdir()  # planted, or an earlier session of the same name
+    drop(spool, name)
+    claim = spool.claim(name)
+    assert claim is not None
+    spool.finish(claim, {"ok": True})
+    assert sorted(os.listdir(spool.done)) == ["x" * 253 + ".1", name]
+    assert listing(spool.active) == [] and not claim.held
+
+
+def test_a_deep_tree_in_a_dropped_folder_is_settled_without_recursion(spool: Spool) -> None:
+    folder = make_folder(spool.tmp / "deep")
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        for _ in range(1100):  # deeper than Python's recursion limit
+            os.mkdir("d", dir_fd=fd)
+            inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    os.rename(folder, spool.incoming / "deep")
+    assert spool.scan().ready in (["deep"], [])  # no RecursionError
