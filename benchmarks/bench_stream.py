@@ -104,7 +104,7 @@ def measure_limit(paths: list[Path]) -> dict[str, Any]:
     """Frames/s of decode + encode alone, with the same malloc tuning caired gets (it is worth ~30% here)."""
     from caired import wire
 
-    wire.install()
+    wire.keep_big_buffers()
     start = time.perf_counter()
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for _ in pool.map(_decode_encode, paths):

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from caired import logging as clog
         from caired import wire
 
-        wire.install()
+        wire.keep_big_buffers()
 
         if getattr(args, "opens_log_file", True):
             clog.configure(cfg)

@@ -1,25 +1,24 @@
-"""Speed for large WebSocket messages, staying on trio-websocket: ``install()`` once per process.
+"""Speed for large WebSocket messages, staying on trio-websocket.
 
 Profiling a raw-mode stream (0.4-1 MB per message) showed three costs outside caired:
 
-- wsproto masks every client frame in pure Python (four strided slices, four
-  ``translate`` calls and four slice assignments per message, plus copies), and the
-  server unmasks every received chunk the same way. ``NumpyMasker`` does the same
-  XOR over a ``uint32`` view of the data in one pass; the output is byte for byte
-  what wsproto's ``XorMaskerSimple`` gives, including the key rotation between calls.
+- wsproto masks every client frame in pure Python, and a server unmasks every received
+  chunk the same way. The client's frames never go through wsproto's masker (below);
+  the local backend's unmasking uses ``xor_into`` through ``caired.emulator.masker``.
 - glibc serves allocations of more than 128 KiB with ``mmap`` and gives them back to
   the OS when they are freed, so every frame pays page faults for each of its
   megabyte buffers. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps freed
   buffers in the heap for the next frame. Keeping them costs memory once per malloc
   arena, and glibc gives each worker thread its own, so frames read in worker threads
   and freed on the event loop held ~10 MB more; ``M_ARENA_MAX`` = 1 keeps one heap.
-  (Linux with glibc only; a no-op elsewhere.)
+  (Linux with glibc only; a no-op elsewhere.) ``keep_big_buffers()`` once per process.
 - sending a text message copies it four times on the event loop (``str.encode``,
   ``bytearray(payload)``, the masker's output, header + masked payload). ``send_text``
   builds the frame in one pass, XOR-ing the message's pieces straight into one buffer,
   and writes it under trio-websocket's own send lock, as its ``_send`` writes wsproto's
-  frames. Only ``send_text`` reaches into trio-websocket; anything it does not
-  recognise gets ``send_message``.
+  frames. Only ``send_text`` reaches into trio-websocket (``_TRIO_WEBSOCKET_INTERNALS``,
+  checked by a test against the installed release); anything it does not recognise gets
+  ``send_message``.
 """
 
 from __future__ import annotations
@@ -35,41 +34,17 @@ from typing import Any, Final
 import numpy as np
 import trio
 import trio_websocket
-from wsproto import frame_protocol
 from wsproto.connection import ConnectionState
 
-SMALL: Final = 512  # below this many bytes wsproto's own masker is as fast
 M_TRIM_THRESHOLD: Final = -1  # <malloc.h>
 M_MMAP_THRESHOLD: Final = -3
 M_ARENA_MAX: Final = -8
 MMAP_THRESHOLD: Final = 32 * 1024 * 1024  # glibc's ceiling on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD: Final = 64 * 1024 * 1024
 
-_ORIGINAL_MASKER: Final = frame_protocol.XorMaskerSimple
 FIN_TEXT: Final = 0x81  # FIN bit, opcode 1 (text)
 MASK_BIT: Final = 0x80
 Buffer = bytes | bytearray | memoryview
-
-
-class NumpyMasker:
-    """wsproto's ``XorMaskerSimple``, XOR-ing four bytes at a time in numpy."""
-
-    def __init__(self, masking_key: bytearray | bytes) -> None:
-        self._masking_key = bytes(masking_key)
-
-    def process(self, data: bytes | bytearray | memoryview) -> bytearray:
-        size = len(data)
-        if size < SMALL:
-            small = _ORIGINAL_MASKER(self._masking_key)
-            out: bytearray = small.process(bytearray(data))
-            self._masking_key = bytes(small._masking_key)
-            return out
-        key = self._masking_key
-        out = bytearray(size)
-        _xor_into(np.frombuffer(out, dtype=np.uint8), 0, data, key, 0)
-        rotation = size % 4
-        self._masking_key = key[rotation:] + key[:rotation]
-        return out
 
 
 def text_frame(parts: Sequence[Buffer], key: bytes) -> memoryview:
@@ -94,12 +69,12 @@ def text_frame(parts: Sequence[Buffer], key: bytes) -> memoryview:
     at = pad + len(lead)
     frame[pad:at] = np.frombuffer(lead, dtype=np.uint8)
     for part in parts:
-        _xor_into(frame, at, part, key, at - pad - len(lead))
+        xor_into(frame, at, part, key, at - pad - len(lead))
         at += len(part)
     return frame.data[pad:]
 
 
-def _xor_into(frame: np.ndarray, at: int, part: Buffer, key: bytes, offset: int) -> None:
+def xor_into(frame: np.ndarray, at: int, part: Buffer, key: bytes, offset: int) -> None:
     """``frame[at:]`` = ``part`` XOR the mask, ``part`` starting ``offset`` bytes into the payload."""
     n = len(part)
     if not n:
@@ -158,17 +133,8 @@ def _open_client(ws: Any) -> bool:
 _TRIO_WEBSOCKET_INTERNALS: Final = ("_stream_lock", "_stream", "_abort_web_socket", "_close_reason", "_wsproto")
 
 
-def install() -> None:
-    """Use ``NumpyMasker`` in wsproto and keep big buffers in the heap; safe to call again."""
-    setattr(frame_protocol, "XorMaskerSimple", NumpyMasker)  # noqa: B010 - wsproto types it as its own class
-    _keep_big_buffers()
-
-
-def installed() -> bool:
-    return getattr(frame_protocol, "XorMaskerSimple", None) is NumpyMasker
-
-
-def _keep_big_buffers() -> None:
+def keep_big_buffers() -> None:
+    """Keep freed megabyte buffers in the heap for the next frame (glibc only; safe to call again)."""
     if not sys.platform.startswith("linux"):
         return
     name = ctypes.util.find_library("c")

@@ -1157,4 +1157,20 @@ def test_a_deep_tree_in_a_dropped_folder_is_settled_without_recursion(spool: Spo
     finally:
         os.close(fd)
     os.rename(folder, spool.incoming / "deep")
-    assert spool.scan().ready in (["deep"], [])  # no RecursionError
+    try:
+        assert spool.scan().ready in (["deep"], [])  # no RecursionError
+    finally:
+        _remove_deep(spool.incoming / "deep" / "d")  # shutil.rmtree (pytest's clean-up) recurses
+
+
+def _remove_deep(top: Path) -> None:
+    """Remove a chain of nested ``d`` folders without recursion (mv each one up, then rmdir)."""
+    parent = top.parent
+    while top.exists():
+        inner = top / "d"
+        if inner.exists():
+            os.rename(inner, parent / "d.next")
+            os.rmdir(top)
+            os.rename(parent / "d.next", top)
+        else:
+            os.rmdir(top)

@@ -1,4 +1,4 @@
-"""caired.wire: the numpy masker is wsproto's masker byte for byte; install() is idempotent; raw never decodes."""
+"""caired.wire and the emulator's masker: byte for byte what wsproto writes; install() is idempotent."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from caired import wire
 from caired.commands.stream import stream_folder
+from caired.emulator import masker
 from caired.frames import list_frames
 from tests.conftest import BackendFactory, make_config
 
-ORIGINAL = wire._ORIGINAL_MASKER
+ORIGINAL = masker.ORIGINAL_MASKER
 LENGTHS = [0, 1, 2, 3, 4, 5, 7, 8, 100, 511, 512, 513, 514, 515, 516, 1023, 4096, 4097, 65535, 65537, 730_001]
 
 
@@ -38,7 +39,7 @@ def test_numpy_masker_gives_wsprotos_bytes(length: int) -> None:
     for _ in range(3):
         key = bytes(rng.getrandbits(8) for _ in range(4))
         data = rng.randbytes(length)
-        assert wire.NumpyMasker(key).process(data) == ORIGINAL(bytearray(key)).process(bytearray(data))
+        assert masker.NumpyMasker(key).process(data) == ORIGINAL(bytearray(key)).process(bytearray(data))
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
@@ -46,7 +47,7 @@ def test_the_key_rotates_across_calls_as_wsprotos_does(kind: Callable[[bytes], o
     """A received frame arrives in chunks of any size; each call continues where the last ended."""
     rng = random.Random(7)
     key = rng.randbytes(4)
-    ours, theirs = wire.NumpyMasker(key), ORIGINAL(bytearray(key))
+    ours, theirs = masker.NumpyMasker(key), ORIGINAL(bytearray(key))
     for length in [3, 513, 1, 2050, 6, 70_001, 0, 5, 600, 4097, 2, 1, 99_999]:
         chunk = rng.randbytes(length)
         assert ours.process(kind(chunk)) == theirs.process(bytearray(chunk)), length  # type: ignore[arg-type]
@@ -55,16 +56,16 @@ def test_the_key_rotates_across_calls_as_wsprotos_does(kind: Callable[[bytes], o
 def test_masking_leaves_the_input_untouched() -> None:
     data = bytearray(os.urandom(5000))
     before = bytes(data)
-    wire.NumpyMasker(b"\x01\x02\x03\x04").process(data)
+    masker.NumpyMasker(b"\x01\x02\x03\x04").process(data)
     assert data == before
 
 
 def test_install_is_idempotent_and_frames_still_round_trip() -> None:
-    assert not wire.installed()
-    wire.install()
-    wire.install()
-    assert wire.installed()
-    assert fp.XorMaskerSimple is wire.NumpyMasker
+    assert not masker.installed()
+    masker.install()
+    masker.install()
+    assert masker.installed()
+    assert fp.XorMaskerSimple is masker.NumpyMasker
 
     client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
     server.receive_data(client.send(Request(host="localhost", target="/ws/")))
@@ -235,7 +236,7 @@ def test_the_stream_command_does_not_import_cv2() -> None:
         "import sys\n"
         "from caired import cli\n"
         "parser = cli.build_parser(['stream', 'x'])\n"
-        "import caired.wire; caired.wire.install()\n"
+        "import caired.wire; caired.wire.keep_big_buffers()\n"
         "print(sorted(m for m in ('cv2', 'caired.synth', 'caired.record') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

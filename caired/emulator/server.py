@@ -28,7 +28,7 @@ import structlog
 import trio
 import trio_websocket
 
-from caired import wire
+from caired.emulator import masker
 from caired.protocol import PAYLOAD_KEYS, TIMESTAMP_RE, UUID4_RE
 
 log = structlog.get_logger()
@@ -138,7 +138,7 @@ async def serve_backend(
     """Serve until cancelled; ``task_status.started`` gets the state, its ``port`` set."""
     state = state if state is not None else BackendState()
     limiter = trio.CapacityLimiter(2)
-    wire.install()
+    masker.install()
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         await _handle(request, options, state, limiter)
