@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final
 
 import structlog
@@ -169,8 +171,14 @@ async def _status(ctx: Context, notifier: Notifier) -> None:
         counts = await trio.to_thread.run_sync(ctx.spool.counts)
         streaming = len(ctx.sessions.in_flight)
         notifier.status(status_line(counts, ctx.gate.state, streaming=streaming))
-        with trio.move_on_after(STATUS_EVERY):
-            await ctx.sessions.wait_changed()
+        async with trio.open_nursery() as nursery:  # whichever comes first: a session or the backend changed
+            async def changed(wait: Callable[[], Awaitable[None]]) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(changed, ctx.sessions.wait_changed)
+            nursery.start_soon(changed, ctx.gate.wait_state_changed)
+            nursery.start_soon(changed, partial(trio.sleep, STATUS_EVERY))
         await trio.sleep(0.5)  # coalesce bursts of changes
 
 

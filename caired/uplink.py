@@ -163,7 +163,7 @@ class Turn:
         if gate.state != "up":
             if gate.state in ("down", "rejected"):
                 log.info("backend_up", after_failures=gate.failures)
-            gate.state = "up"
+            gate.set_state("up")
         self._let_go()
 
     def _let_go(self) -> None:
@@ -183,8 +183,20 @@ class Gate:
     next_attempt: float = 0.0
     handshakes: int = 0
     last_delay: float = 0.0
+    probing: bool = True  # the daemon probes a rejected key again; a one-shot command does not
     # A semaphore, not a lock: the listener task lets the others go when the first answer arrives.
     _probe: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(1))
+    _state_changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def set_state(self, state: GateState) -> None:
+        if state != self.state:
+            self.state = state
+            self._state_changed.set()
+
+    async def wait_state_changed(self) -> None:
+        """Until the backend's state changes (since the last wait returned): STATUS= follows it."""
+        await self._state_changed.wait()
+        self._state_changed = trio.Event()
 
     def is_up(self) -> bool:
         return self.state == "up"
@@ -222,11 +234,11 @@ class Gate:
 
     def succeeded(self) -> None:
         """A session finished: the backend is up and the backoff starts over."""
-        self.failures = 0
-        self.next_attempt = 0.0
         if self.state in ("down", "rejected"):
             log.info("backend_up", after_failures=self.failures)
-        self.state = "up"
+        self.failures = 0
+        self.next_attempt = 0.0
+        self.set_state("up")
 
     def failed(self, error: SessionError) -> float:
         """Record a failed attempt; returns the delay before the next one."""
@@ -236,13 +248,16 @@ class Gate:
         if isinstance(error, KeyRejected):
             if self.state != "rejected":
                 event = "backend_wrong_path" if isinstance(error, WrongPath) else "backend_rejected_key"
-                log.error(event, reason=error.reason, probe_seconds=self.retry.rejected_probe)
-            self.state = "rejected"
+                if self.probing:
+                    log.error(event, reason=error.reason, probe_seconds=self.retry.rejected_probe)
+                else:
+                    log.error(event, reason=error.reason)
+            self.set_state("rejected")
             delay = self.retry.rejected_probe
         else:
             self.failures += 1
             if not error.connected:
-                self.state = "down"
+                self.set_state("down")
             delay = self.delay(self.failures, slow=error.retry is Retry.SLOW)
         self.next_attempt = max(self.next_attempt, now + delay)
         return delay

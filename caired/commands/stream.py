@@ -67,5 +67,6 @@ async def stream_folder(cfg: Config, directory: Path) -> None:
         await source.prepare()
         tally = Tally()
         async with progress_line(tally):
-            await deliver(source, cfg=cfg, gate=Gate(cfg.retry), name=directory.name, datapt_id=datapt_id,
+            gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
+            await deliver(source, cfg=cfg, gate=gate, name=directory.name, datapt_id=datapt_id,
                           limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
