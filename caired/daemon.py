@@ -54,9 +54,13 @@ async def serve(
     cfg: Config,
     *,
     notifier: Notifier | None = None,
+    spool_retry: float = SPOOL_RETRY,
     task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run until cancelled (or SIGTERM/SIGINT); READY=1 once the spool is recovered and watched."""
+    """Run until cancelled (or SIGTERM/SIGINT); READY=1 once the spool is recovered and watched.
+
+    ``spool_retry``: how long a folder the spool could not claim or file is left alone.
+    """
     notifier = notifier or Notifier.from_env()
     spool = Spool.from_config(cfg.spool)
     await trio.to_thread.run_sync(spool.prepare)
@@ -68,7 +72,7 @@ async def serve(
         gate=Gate(cfg.retry),
         limiter=trio.CapacityLimiter(encode_workers()),
         sessions=Sessions(),
-        hold_back=functools.partial(ready.hold_back, seconds=SPOOL_RETRY),
+        hold_back=functools.partial(ready.hold_back, seconds=spool_retry),
     )
     log.info("daemon_starting", spool=str(spool.root), recovered=len(recovered), max_sessions=cfg.spool.max_sessions,
              camera=cfg.camera.enabled, pid=os.getpid())
@@ -77,7 +81,7 @@ async def serve(
             nursery.start_soon(_signals, nursery.cancel_scope, notifier)
             await nursery.start(serve_watchdog, notifier)
             await nursery.start(functools.partial(watch, spool, ready, rescan_seconds=cfg.spool.rescan_seconds))
-            nursery.start_soon(_dispatch, ctx, ready, nursery)
+            nursery.start_soon(_dispatch, ctx, ready, nursery, spool_retry)
             if cfg.camera.enabled:
                 from caired.live import serve_camera  # cv2's capture only when a camera is used
 
@@ -107,34 +111,34 @@ async def _signals(scope: trio.CancelScope, notifier: Notifier) -> None:
             return
 
 
-async def _dispatch(ctx: Context, ready: Ready, nursery: trio.Nursery) -> None:
+async def _dispatch(ctx: Context, ready: Ready, nursery: trio.Nursery, spool_retry: float) -> None:
     """Claim ready folders, oldest first, whenever a session slot is free."""
     slots = trio.Semaphore(ctx.cfg.spool.max_sessions)
     while True:
         await slots.acquire()
-        while (claim := await _claim_next(ctx, ready)) is None:
+        while (claim := await _claim_next(ctx, ready, spool_retry)) is None:
             await ready.wait()  # the watcher says when to look again
         nursery.start_soon(_session_task, ctx, claim, slots)
 
 
-async def _claim_next(ctx: Context, ready: Ready) -> Claim | None:
+async def _claim_next(ctx: Context, ready: Ready, spool_retry: float) -> Claim | None:
     """Claim the oldest ready folder; None when there is none left to try now.
 
     A spool error concerns one folder (unreadable, cannot be moved): it is logged and that
-    folder held back for SPOOL_RETRY, so one bad drop neither stops the daemon nor keeps it
+    folder held back for ``spool_retry`` seconds, so one bad drop neither stops the daemon nor keeps it
     busy. Anything else a claim raises is a bug, reported as such, and held back alike.
     """
     while (name := ready.take()) is not None:
         try:
             claim = await trio.to_thread.run_sync(functools.partial(ctx.spool.claim, name, source="drop"))
         except SpoolError as err:
-            log.error("folder_claim_failed", session=shown(name), reason=str(err), retry_seconds=SPOOL_RETRY)
-            ready.hold_back(name, SPOOL_RETRY)
+            log.error("folder_claim_failed", session=shown(name), reason=str(err), retry_seconds=spool_retry)
+            ready.hold_back(name, spool_retry)
             continue
         except Exception as err:
             log.error("internal_error", where="claim", session=shown(name), error_type=type(err).__name__,
                       reason=str(err), exc_info=True)
-            ready.hold_back(name, SPOOL_RETRY)
+            ready.hold_back(name, spool_retry)
             continue
         if claim is not None:
             return claim

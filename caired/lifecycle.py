@@ -126,7 +126,7 @@ async def run_session(
                     await trio.to_thread.run_sync(spool.handoff, claim)
                     outcome = "stored"
         except SpoolError as err:
-            log.error("spool_write_failed", reason=str(err), retry_seconds=SPOOL_RETRY, attempt=claim.attempts)
+            log.error("spool_write_failed", reason=str(err), attempt=claim.attempts)
         except Exception as err:  # filing itself failed in a way nobody foresaw: a bug, never the daemon's end
             log.error("internal_error", where="filing a session", error_type=type(err).__name__, reason=str(err),
                       exc_info=True)

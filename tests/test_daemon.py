@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from caired import daemon as daemon_module
 from caired import logging as clog
 from caired.config import Config, RetryConfig
 from caired.daemon import serve, status_line
@@ -152,11 +152,11 @@ def daemon_config(port: int, spool: Path, **extra: str) -> Config:
 
 
 @asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[Context]:
+async def running(cfg: Config, **options: Any) -> AsyncIterator[Context]:
     """The daemon in this process, logging to ``cfg.log.file``; cancelled (like SIGTERM) on exit."""
     clog.configure(cfg)
     async with trio.open_nursery() as nursery:
-        daemon: Context = await nursery.start(partial(serve, cfg, notifier=Notifier(None)))
+        daemon: Context = await nursery.start(partial(serve, cfg, notifier=Notifier(None), **options))
         try:
             yield daemon
         finally:
@@ -339,10 +339,9 @@ async def test_a_folder_the_spool_cannot_claim_does_not_stop_the_daemon(
         return real_claim(self, name, source=source)
 
     monkeypatch.setattr(Spool, "claim", flaky_claim)
-    monkeypatch.setattr(daemon_module, "SPOOL_RETRY", 0.5)
     drop(spool, "stuck", 0, 5, age=600)
     drop(spool, "fine", 1, 5, age=300)
-    async with running(daemon_config(state.port, spool)):
+    async with running(daemon_config(state.port, spool), spool_retry=0.5):
         await until(lambda: names_in(spool, "done") == ["fine", "stuck"], "both folders in done/")
     assert len(refusals) == 2
     check_done(spool, "stuck", 0, 5, state)
@@ -354,26 +353,23 @@ async def test_a_result_that_cannot_be_written_gives_the_folder_back_without_ham
 ) -> None:
     state = await backend(api_key=SECRET_KEY)
     real_finish = Spool.finish
-    disk_full = True
+    refused_at: list[float] = []
 
     def finish(self: Spool, claim: Any, result: Any) -> Any:
-        if disk_full:
+        if len(refused_at) < 3:  # the disk is full for three tries
+            refused_at.append(time.monotonic())
             raise SpoolError("cannot write result.json: No space left on device; free space")
         return real_finish(self, claim, result)
 
     monkeypatch.setattr(Spool, "finish", finish)
-    monkeypatch.setattr(daemon_module, "SPOOL_RETRY", 1.0)
     drop(spool, "full", 0, 5)
-    async with running(daemon_config(state.port, spool)):
-        await until(lambda: state.sessions and state.sessions[0].finished, "a first finished session")
-        await trio.sleep(2.5)
-        streamed_while_full = len(state.sessions)
-        disk_full = False
+    async with running(daemon_config(state.port, spool), spool_retry=0.5):
         await until(lambda: names_in(spool, "done") == ["full"], "the folder in done/")
-    print(f"disk full for 2.5 s: streamed {streamed_while_full} times")
-    assert 2 <= streamed_while_full <= 4  # given back and tried again about every SPOOL_RETRY, not at once
+    # Given back and left alone for spool_retry each time, not streamed again at once.
+    gaps = [b - a for a, b in itertools.pairwise(refused_at)]
+    assert len(gaps) == 2 and min(gaps) >= 0.5
     result = check_done(spool, "full", 0, 5, state)
-    assert result["attempts"] == len(state.sessions)
+    assert result["attempts"] == len(state.sessions) == 4
 
 
 # --- the backend misbehaving -------------------------------------------------------------------------------------
@@ -389,7 +385,7 @@ async def test_outage_refusals_drops_and_garbage_end_with_every_folder_done_once
         for index, name in enumerate(names):
             drop(spool, name, index, 9)
         await until(lambda: len(names_in(spool, "active")) == 2, "two claimed folders")
-        await trio.sleep(1.5)  # the backend is down: retried, never failed
+        await until(lambda: daemon.gate.handshakes >= 4, "the backend tried while down")  # retried, never failed
         outage_handshakes = daemon.gate.handshakes
         assert daemon.gate.state == "down" and names_in(spool, "failed") == []
         assert len(names_in(spool, "active")) == 2
@@ -397,7 +393,7 @@ async def test_outage_refusals_drops_and_garbage_end_with_every_folder_done_once
         options = BackendOptions(api_key=SECRET_KEY, faults=faults)
         state: BackendState = await nursery.start(partial(serve_backend, options, port=unused_port))
         await until(lambda: len(names_in(spool, "done")) == 4, "every folder in done/", within=40)
-    print(f"outage: {outage_handshakes} handshakes tried in 1.5 s; backend saw {state.handshakes}")
+    assert outage_handshakes >= 4
     assert names_in(spool, "done") == names and names_in(spool, "failed") == []
     for index, name in enumerate(names):
         check_done(spool, name, index, 9, state)
@@ -443,19 +439,20 @@ async def test_a_rejected_key_is_probed_rarely_and_keeps_the_folders(
     drop(spool, "one", 0, 5)
     drop(spool, "two", 1, 5)
     async with running(cfg) as daemon:
-        await until(lambda: state.handshakes >= 1, "a first handshake")
-        await trio.sleep(3.5)
+        await until(lambda: state.handshakes >= 3, "three probes of the rejected key")
         rejected = state.handshakes
         assert daemon.gate.state == "rejected"
         assert names_in(spool, "active") == ["one"] and names_in(spool, "incoming") == ["two"]
         claimed = json.loads((spool / "active" / "one" / ".caired-session.json").read_text())
-    print(f"rejected {wrong}: {rejected} handshakes in 3.5 s with rejected_probe = 1 s")
-    assert 2 <= rejected <= 5  # a handful, and it does keep probing
     assert names_in(spool, "failed") == names_in(spool, "done") == []
     assert names_in(spool, "incoming") == ["one", "two"]  # given back on shutdown, datapt_id kept
     session = json.loads((spool / "incoming" / "one" / ".caired-session.json").read_text())
     assert session["datapt_id"] == claimed["datapt_id"] and session["attempts"] >= rejected
     lines = log_lines(log)
+    # It keeps probing, but only every rejected_probe (1 s), never at once.
+    retried = [datetime.fromisoformat(line["timestamp"]) for line in lines if line["event"] == "session_retry"]
+    assert len(retried) >= 2
+    assert all((b - a).total_seconds() >= 0.95 for a, b in itertools.pairwise(retried))
     # A wrong path is told apart from a wrong key: the fixes differ.
     expected = "backend_rejected_key" if wrong == "key" else "backend_wrong_path"
     loud = [line for line in lines if line["event"] in ("backend_rejected_key", "backend_wrong_path")]
