@@ -130,7 +130,9 @@ async def _claim_next(ctx: Context, ready: Ready, spool_retry: float) -> Claim |
     """
     while (name := ready.take()) is not None:
         try:
-            claim = await trio.to_thread.run_sync(functools.partial(ctx.spool.claim, name, source="drop"))
+            # Abandoned on cancel (shutdown): a claim that completes after that is recovered at the next start.
+            claim = await trio.to_thread.run_sync(functools.partial(ctx.spool.claim, name, source="drop"),
+                                                  abandon_on_cancel=True)
         except SpoolError as err:
             log.error("folder_claim_failed", session=shown(name), reason=str(err), retry_seconds=spool_retry)
             ready.hold_back(name, spool_retry)
@@ -172,7 +174,7 @@ async def run_folder_session(ctx: Context, claim: Claim) -> None:
 async def _status(ctx: Context, notifier: Notifier) -> None:
     """Keep STATUS= current: folder counts and the backend's state."""
     while True:
-        counts = await trio.to_thread.run_sync(ctx.spool.counts)
+        counts = await trio.to_thread.run_sync(ctx.spool.counts, abandon_on_cancel=True)
         streaming = len(ctx.sessions.in_flight)
         notifier.status(status_line(counts, ctx.gate.state, streaming=streaming))
         async with trio.open_nursery() as nursery:  # whichever comes first: a session or the backend changed

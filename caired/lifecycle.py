@@ -134,7 +134,7 @@ async def run_session(
             ctx.sessions._ended(claim, outcome)
             if claim.held:  # not filed: shutdown, or the spool could not be written
                 with trio.move_on_after(CLEANUP_DEADLINE, shield=True), _last_attempt(claim):
-                    await trio.to_thread.run_sync(_put_back, spool, claim, on_shutdown)
+                    await trio.to_thread.run_sync(_put_back, spool, claim, on_shutdown, abandon_on_cancel=True)
                 if claim.where == "incoming" and outcome is None:
                     ctx.hold_back(claim.folder)
 

@@ -195,8 +195,8 @@ async def _look(spool: Spool, *, recover: bool) -> Scan | None:
     """
     try:
         if recover:
-            await trio.to_thread.run_sync(spool.recover)
-        return await trio.to_thread.run_sync(spool.scan)
+            await trio.to_thread.run_sync(spool.recover, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(spool.scan, abandon_on_cancel=True)
     except OSError as exc:
         log.warning("spool_scan_failed", reason=str(exc), retry_seconds=SCAN_RETRY)
     except Exception as exc:

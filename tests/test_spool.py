@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from caired import fsops
 from caired import spool as spool_module
@@ -1174,3 +1176,38 @@ def _remove_deep(top: Path) -> None:
             os.rename(parent / "d.next", top)
         else:
             os.rmdir(top)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=20,
+)
+_session_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "datapt_id": st.uuids().map(str) | st.text(max_size=40),
+        "attempts": st.integers(-5, 2**40) | st.booleans() | st.text(max_size=3),
+        "crashes": st.integers(-5, 2**40),
+        "in_attempt": st.booleans() | st.integers(0, 2),
+        "source": st.sampled_from(["drop", "camera", "cli", ""]) | st.text(max_size=8),
+        "first_claimed_at": st.text(max_size=80),
+        "name": st.text(max_size=300),
+        "name_hex": st.binary(max_size=300).map(bytes.hex) | st.text(max_size=8),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_json | _session_like)
+def test_session_file_validation_accepts_only_what_is_safe_to_use(data: Any) -> None:
+    try:
+        session = spool_module.validate_session(data, "fallback")
+    except ValueError:
+        return
+    assert UUID4_RE.match(session["datapt_id"])  # it goes on the wire as is
+    assert all(isinstance(session[k], int) and 0 <= session[k] <= spool_module.MAX_ATTEMPTS_RECORDED
+               for k in ("attempts", "crashes"))
+    assert isinstance(session["in_attempt"], bool) and session["source"] in spool_module.SOURCES
+    spool_module.check_name(session["name"])  # a name the spool can move a folder to
+    json.dumps(fsops.json_safe(session))  # and write back
