@@ -7,16 +7,18 @@ environment names and a one-line help in its metadata, so loading, error message
 
 Every environment variable of the original client keeps its meaning
 (``BACKEND_WS_BASE``, ``API_KEY``, ``IMAGES_DIR``, ``FPS``, ...); each key also has a
-``CAIRED_<SECTION>_<KEY>`` form, which wins over the original name.
+``CAIRED_<SECTION>_<KEY>`` form, which wins over the original name. A misspelt key gets a
+"did you mean": an error in the file, a warning for a ``CAIRED_`` variable that names no key.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import stat
 import tomllib
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
@@ -28,6 +30,9 @@ from caired.protocol import redact_url
 
 DEFAULT_URL: Final = "ws://localhost:8003/ws/"
 CREDENTIAL_NAME: Final = "api_key"
+# The documented CAIRED_ variables that are not a key's environment name.
+NON_KEY_VARIABLES: Final = frozenset({"CAIRED_CONFIG"})
+ENV_PREFIX: Final = "CAIRED_"
 
 
 class Secret(str):
@@ -275,6 +280,8 @@ class Config:
     record: RecordConfig = attrs.field(factory=RecordConfig)
     # Where each effective value came from ("default", "file PATH", "env FPS", "flag --fps").
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
+    # What deserves a look but stops nothing (a CAIRED_ variable that names no key), one line each.
+    warnings: tuple[str, ...] = attrs.field(default=(), eq=False, repr=False)
 
     @classmethod
     def load(
@@ -300,7 +307,7 @@ class Config:
 SECTIONS: Final[dict[str, type]] = {
     f.name: typing.get_type_hints(Config)[f.name]
     for f in attrs.fields(Config)
-    if f.name != "sources"
+    if f.name not in ("sources", "warnings")
 }
 
 
@@ -314,7 +321,7 @@ def iter_fields() -> Iterator[tuple[str, attrs.Attribute[Any], Any]]:
 
 def env_names(key: str, attr: attrs.Attribute[Any]) -> tuple[str, ...]:
     """Environment variables for a key, the CAIRED_ form first."""
-    generic = "CAIRED_" + key.replace(".", "_").upper()
+    generic = ENV_PREFIX + key.replace(".", "_").upper()
     legacy: tuple[str, ...] = attr.metadata.get("env", ())
     return (generic, *legacy)
 
@@ -369,34 +376,66 @@ def coerce(value: Any, kind: Any) -> Any:
     raise TypeError(f"no coercion for {kind!r}")  # a bug in the table, not user input
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, named_by: str) -> dict[str, Any]:
+    """The file's tables; an error names the file and what named it (``--config`` or ``CAIRED_CONFIG``)."""
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigErrors([ConfigError("--config", str(path), "no such file")]) from None
+        problem = "no such file"
     except IsADirectoryError:
-        raise ConfigErrors([ConfigError("--config", str(path), "is a folder, not a file")]) from None
+        problem = "is a folder, not a file"
     except PermissionError:
-        raise ConfigErrors([ConfigError("--config", str(path), "cannot be read (permission denied)")]) from None
+        problem = "cannot be read (permission denied)"
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigErrors([ConfigError("--config", str(path), f"is not valid TOML: {exc}")]) from None
+        problem = f"is not valid TOML: {exc}"
+    raise ConfigErrors([ConfigError(named_by, str(path), problem)])
+
+
+def _closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice ``word`` was most likely a misspelling of, or None when none is close."""
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _unknown(what: str, word: str, choices: Iterable[str]) -> str:
+    """``unknown key; did you mean stream.fps?`` (without the question when nothing is close)."""
+    guess = _closest(word, choices)
+    return f"unknown {what}; did you mean {guess}?" if guess else f"unknown {what}"
+
+
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each ``CAIRED_`` variable that is no key's name, naming the closest key."""
+    known = {env_names(key, attr)[0]: f"{env_names(key, attr)[0]} ({key})" for key, attr, _ in iter_fields()}
+    known.update((name, name) for name in NON_KEY_VARIABLES)
+    by_bare = {name.removeprefix(ENV_PREFIX): shown for name, shown in known.items()}
+    warnings = []
+    for variable in sorted(env):
+        if not variable.startswith(ENV_PREFIX) or variable in known:
+            continue
+        # Compared without the prefix every name shares, or CAIRED_ alone would make them all look close.
+        guess = _closest(variable.removeprefix(ENV_PREFIX), by_bare)
+        hint = f"; did you mean {by_bare[guess]}?" if guess else f" (a key's variable is {ENV_PREFIX}<SECTION>_<KEY>)"
+        warnings.append(f"the environment variable {variable} names no configuration key and is ignored{hint}")
+    return warnings
 
 
 def _load(*, path: str | Path | None, env: Mapping[str, str], flags: Mapping[str, tuple[Any, str]]) -> Config:
     errors: list[ConfigError] = []
     raw: dict[str, tuple[Any, str]] = {}  # key -> (value, source), later layers overwrite
 
+    named_by = "--config"
     if path is None and env.get("CAIRED_CONFIG"):
-        path = env["CAIRED_CONFIG"]
-    known = {key for key, _, _ in iter_fields()}
+        path, named_by = env["CAIRED_CONFIG"], "CAIRED_CONFIG"
+    known = [key for key, _, _ in iter_fields()]
     if path is not None:
         path = Path(path)
-        document = _read_toml(path)
+        document = _read_toml(path, named_by)
         source = f"file {path}"
         for section, table in document.items():
             if section not in SECTIONS:
-                errors.append(ConfigError(section, source, "unknown section; known: " + ", ".join(SECTIONS)))
+                problem = _unknown("section", section, SECTIONS) + " (known: " + ", ".join(SECTIONS) + ")"
+                errors.append(ConfigError(section, source, problem))
                 continue
             if not isinstance(table, dict):
                 errors.append(ConfigError(section, source, "must be a [section] table"))
@@ -404,7 +443,7 @@ def _load(*, path: str | Path | None, env: Mapping[str, str], flags: Mapping[str
             for name, value in table.items():
                 key = f"{section}.{name}"
                 if key not in known:
-                    errors.append(ConfigError(key, source, "unknown key"))
+                    errors.append(ConfigError(key, source, _unknown("key", key, known)))
                 else:
                     raw[key] = (value, source)
 
@@ -451,7 +490,7 @@ def _load(*, path: str | Path | None, env: Mapping[str, str], flags: Mapping[str
                 errors.append(ConfigError(section, "combined values", str(exc)))
     if errors:
         raise ConfigErrors(errors)
-    return Config(**sections, sources=sources)
+    return Config(**sections, sources=sources, warnings=tuple(_unknown_variables(env)))
 
 
 def _resolve_key(

@@ -77,13 +77,57 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as caught:
         Config.load(path=path, env={})
     lines = str(caught.value).splitlines()
-    assert f"stream.fsp (from file {path}): unknown key" in lines
-    assert any(line.startswith(f"nope (from file {path}): unknown section") for line in lines)
+    assert f"stream.fsp (from file {path}): unknown key; did you mean stream.fps?" in lines
+    assert any(line.startswith(f"nope (from file {path}): unknown section (known: backend, ") for line in lines)
     path.write_text("[stream\n")
     with pytest.raises(ConfigErrors, match="is not valid TOML"):
         Config.load(path=path, env={})
-    with pytest.raises(ConfigErrors, match="no such file"):
+    with pytest.raises(ConfigErrors, match=r"^--config \(from .*missing.toml\): no such file$"):
         Config.load(path=tmp_path / "missing.toml", env={})
+
+
+def test_an_error_about_the_file_caired_config_names_is_labelled_caired_config(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigErrors) as caught:
+        Config.load(env={"CAIRED_CONFIG": str(missing)})
+    assert str(caught.value) == f"CAIRED_CONFIG (from {missing}): no such file"
+    (tmp_path / "bad.toml").write_text("[stream\n")
+    with pytest.raises(ConfigErrors, match=r"^CAIRED_CONFIG \(from .*bad.toml\): is not valid TOML"):
+        Config.load(env={"CAIRED_CONFIG": str(tmp_path / "bad.toml")})
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("[stream]\nfsp = 10\n", "stream.fsp (from file {path}): unknown key; did you mean stream.fps?"),
+        ("[stream]\nduration = 10\n", "stream.duration (from file {path}): unknown key; did you mean record.duration?"),
+        ("[spool]\nsettle = 1\n", "spool.settle (from file {path}): unknown key; did you mean spool.settle_seconds?"),
+        ("[stream]\nframes_per_second = 30\n", "stream.frames_per_second (from file {path}): unknown key"),
+        ("[streem]\nfps = 30\n", "streem (from file {path}): unknown section; did you mean stream? (known: backend, "
+                                   "stream, spool, retry, log, camera, record)"),
+    ],
+)
+def test_an_unknown_key_suggests_the_closest_one(tmp_path: Path, body: str, problem: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigErrors) as caught:
+        Config.load(path=path, env={})
+    assert str(caught.value) == problem.format(path=path)
+
+
+def test_caired_variables_that_name_no_key_are_warned_about_with_the_closest_key() -> None:
+    cfg = Config.load(env={"CAIRED_STREAM_FPSS": "12", "CAIRED_CONFIGG": "/etc/caired.toml", "CAIRED_ZZZ": "1",
+                           "CAIRED_STREAM_FPS": "15", "CAIRED_CONFIG": "", "FPSS": "3"})
+    assert cfg.stream.fps == 15.0  # the misspelt one is ignored, the right one counts
+    assert cfg.warnings == (
+        "the environment variable CAIRED_CONFIGG names no configuration key and is ignored; "
+        "did you mean CAIRED_CONFIG?",
+        "the environment variable CAIRED_STREAM_FPSS names no configuration key and is ignored; "
+        "did you mean CAIRED_STREAM_FPS (stream.fps)?",
+        "the environment variable CAIRED_ZZZ names no configuration key and is ignored "
+        "(a key's variable is CAIRED_<SECTION>_<KEY>)",
+    )
+    assert Config.load(env={"CAIRED_CONFIG": "", "CAIRED_SPOOL_MAX_SESSIONS": "3"}).warnings == ()
 
 
 def test_key_from_a_file_or_a_credential(tmp_path: Path) -> None:
