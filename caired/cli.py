@@ -1,9 +1,11 @@
 """argparse -> Config -> logging -> the command; returns an exit code.
 
-Each command lives in its own module, which exposes ``register(subparsers)``. An
+Each command's argparse glue lives in its own module under ``caired.commands``, which
+exposes ``register(subparsers)`` and imports its domain modules only when it runs. An
 option whose ``dest`` is a dotted config key (``dest="stream.fps"``) is a config flag:
 it overrides that key, and ``check-config`` reports it as ``flag --fps``. The command's
-handler is ``handler(cfg, args) -> int`` set with ``set_defaults(handler=...)``.
+handler is ``handler(cfg, args) -> int``, registered with ``command()``, which also gives
+every command its description and examples.
 
 User mistakes end in one line on stderr and a sysexits code; tracebacks are for bugs.
 """
@@ -12,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -29,13 +31,15 @@ Handler = Callable[[Config, argparse.Namespace], int]
 COMMANDS: Final = (
     "caired.commands.stream",
     "caired.commands.run",
-    "caired.record",
+    "caired.commands.record",
     "caired.commands.check_config",
     "caired.commands.backend",
-    "caired.synth",
+    "caired.commands.synth",
     "caired.commands.demo",
-    "caired.plot",
+    "caired.commands.plot",
 )
+# Width of a command's description in its --help.
+HELP_WIDTH: Final = 79
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +52,12 @@ class _Parser(argparse.ArgumentParser):
 def add_bool(parser: argparse.ArgumentParser, name: str, dest: str, help: str) -> None:
     """``--name/--no-name`` for a boolean config key."""
     parser.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def add_daemon_paths(parser: argparse.ArgumentParser) -> None:
+    """The paths ``run`` takes on its command line (and ``check-config``, to check them the same way)."""
+    parser.add_argument("--spool", dest="spool.dir", metavar="DIR", help="spool folder (default /var/lib/caired)")
+    parser.add_argument("--log-file", dest="log.file", metavar="PATH", help="also append the JSON log to PATH")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -131,30 +141,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             clog.configure(cfg)
         else:
             clog.configure(attrs.evolve(cfg, log=attrs.evolve(cfg.log, file="")))
+        for line in cfg.warnings:
+            _say(args, f"warning: {line}")
         if cfg.backend.api_key_file and (warning := key_file_warning(cfg.backend.api_key_file)):
             clog.get_logger().warning("key_file_readable_by_others", problem=warning)
         return int(handler(cfg, args))
     except CairedError as exc:
-        _say(args, exc)
+        _say(args, str(exc) or type(exc).__name__)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
 
 
-def _say(args: argparse.Namespace, exc: CairedError) -> None:
+def _say(args: argparse.Namespace, text: str) -> None:
+    """``text`` on stderr, each line prefixed with the command, as every user-facing line is."""
     prog = f"caired {getattr(args, 'command', '')}".strip()
-    for line in str(exc).splitlines() or [type(exc).__name__]:
+    for line in text.splitlines():
         print(f"{prog}: {line}", file=sys.stderr)
 
 
 def command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler, **kwargs: Any
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: Handler,
+    *,
+    help: str,
+    description: str,
+    examples: Sequence[str],
+    notes: str = "",
 ) -> argparse.ArgumentParser:
-    """Register a subcommand; the parser remembers itself so config flags can be found."""
-    parser: argparse.ArgumentParser = sub.add_parser(name, **kwargs)
+    """Register a subcommand; the parser remembers itself so config flags can be found.
+
+    ``description`` is one paragraph of plain text (no markup), wrapped here; ``examples``
+    are whole command lines, shown as written; ``notes`` (exit codes, say) follow them.
+    """
+    epilog = "examples:\n" + "\n".join(f"  {example}" for example in examples)
+    if notes:
+        epilog += "\n\n" + notes.strip("\n")
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(" ".join(description.split()), HELP_WIDTH),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.set_defaults(handler=handler, command=name, command_parser=parser)
     return parser
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -145,3 +145,21 @@ class SpoolError(CairedError, OSError):
 class LocksRefused(SpoolError):
     """The filesystem refuses the lock itself (not: someone holds it). That is the same for every
     folder of the spool, so recovery stops on it instead of skipping the folder."""
+
+
+class OutputError(CairedError, OSError):
+    """A recording folder or a frame file could not be written."""
+
+    exit_code = ExitCode.CANT_CREATE
+
+
+class PlotWriteError(CairedError, OSError):
+    """The picture could not be written."""
+
+    exit_code = ExitCode.CANT_CREATE
+
+
+class InputError(CairedError, OSError):
+    """An input file (a log to plot) is missing or cannot be read: the same exit code as a missing folder."""
+
+    exit_code = ExitCode.NO_INPUT

@@ -1,4 +1,4 @@
-"""``caired plot LOG``: one session's answers as a picture (rPPG waveform above, heart rate below).
+"""One session's answers as a picture: the rPPG waveform above, the heart rate below (``caired plot``).
 
 The log is caired's JSON lines: the daemon's log file, a saved stdout, or journal
 output whose lines end in the JSON object. ``response`` lines give the answers;
@@ -19,7 +19,6 @@ Drawing is cv2 only, at twice the size and then downscaled, for smooth lines and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,19 +27,15 @@ import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 import cv2
 import numpy as np
 import numpy.typing as npt
-import structlog
 
-from caired.errors import CairedError, ConfigError, ExitCode, NoFramesError
+from caired.errors import InputError, NoFramesError, PlotWriteError
 from caired.protocol import Answer
-
-if TYPE_CHECKING:
-    from caired.config import Config
 
 Canvas = npt.NDArray[np.uint8]
 Colour = tuple[int, int, int]
@@ -59,12 +54,6 @@ _MUTED: Final[Colour] = (120, 120, 120)
 _PULSE: Final[Colour] = (70, 40, 200)
 _HR: Final[Colour] = (150, 95, 25)
 _FINAL: Final[Colour] = (0, 130, 240)
-
-
-class PlotWriteError(CairedError, OSError):
-    """The picture could not be written."""
-
-    exit_code = ExitCode.CANT_CREATE
 
 
 @attrs.frozen
@@ -191,36 +180,6 @@ def plot(log: Path, *, session: str | None = None, output: Path | None = None) -
     return output, found
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``caired plot LOG [--session NAME] [-o OUT]``."""
-    from caired.cli import add_common, command
-
-    parser = command(
-        sub,
-        "plot",
-        _main,
-        help="draw a session's rPPG and heart rate from a JSON log into a PNG",
-        description="Draw one session of a caired JSON log: the merged rPPG waveform and the heart rate over time.",
-    )
-    add_common(parser)
-    parser.add_argument("log", type=Path, metavar="LOG", help="caired's JSON-lines log (log file or saved stdout)")
-    parser.add_argument("--session", metavar="NAME", help="session name or datapt_id (default: the latest)")
-    parser.add_argument("-o", "--output", type=Path, metavar="PNG", help="where to write (default: beside the log)")
-
-
-def _main(cfg: Config, args: argparse.Namespace) -> int:
-    path, found = plot(args.log, session=args.session, output=args.output)
-    structlog.get_logger().info(
-        "plot_written",
-        path=str(path),
-        session=found.name,
-        datapt_id=found.datapt_id,
-        answers=len(found.readings),
-        final_hr=found.final_hr,
-    )
-    return 0
-
-
 # Reading the log
 
 
@@ -229,13 +188,13 @@ def _lines(path: Path) -> Iterator[str]:
         with path.open(encoding="utf-8", errors="replace") as fh:
             yield from fh
     except FileNotFoundError:
-        raise ConfigError("LOG", str(path), "no such file") from None
+        raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise ConfigError("LOG", str(path), "is a folder, not a log file") from None
+        raise InputError(f"{path}: is a folder, not a log file") from None
     except PermissionError:
-        raise ConfigError("LOG", str(path), "cannot be read (permission denied)") from None
+        raise InputError(f"{path}: cannot be read (permission denied)") from None
     except OSError as exc:
-        raise ConfigError("LOG", str(path), f"cannot be read: {exc.strerror or exc}") from None
+        raise InputError(f"{path}: cannot be read: {exc.strerror or exc}") from None
 
 
 def _records(lines: Iterable[str], containing: str | None = None) -> Iterator[dict[str, Any]]:

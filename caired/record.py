@@ -1,4 +1,4 @@
-"""``caired record [DIR]``: capture camera frames into a folder of PNGs named by capture time.
+"""Recording a camera into a folder of PNGs named by capture time (``caired record``).
 
 Each frame becomes ``<UNIX seconds>.png`` (``1747154380.5511632.png``), the stem being the
 timestamp ``caired stream`` sends. A file appears whole: it is written under a hidden
@@ -10,15 +10,15 @@ Into a spool: with ``--to-spool``, or a DIR inside a folder named ``incoming``, 
 written to ``<spool>/tmp/<name>/`` and the folder is moved into ``<spool>/incoming/`` in one
 rename when the capture ends, so the daemon never sees a half-written recording.
 
-Ctrl-C stops the capture, writes the frames already in hand and keeps the recording (moved
-into the spool too); a second Ctrl-C stops at once. The exit code is then 130, as for any
-command a user interrupted. A camera that cannot be opened exits 74 with one line; one that
-stops delivering frames exits 74 too, keeping (and publishing) what was recorded.
+Ctrl-C (or SIGTERM) stops the capture, writes the frames already in hand and keeps the
+recording (moved into the spool too); a second one stops at once. The exit code is then
+128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as for any command a signal ended. A
+camera that cannot be opened exits 74 with one line; one that stops delivering frames exits
+74 too, keeping (and publishing) what was recorded.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import itertools
 import os
@@ -38,9 +38,8 @@ import trio
 
 from caired import camera
 from caired.camera import CapturedFrame, CaptureStats, Image
-from caired.cli import add_bool, add_common, command
 from caired.config import Config
-from caired.errors import CairedError, DeviceError, ExitCode
+from caired.errors import DeviceError, ExitCode, OutputError
 
 log = structlog.get_logger()
 
@@ -49,15 +48,8 @@ QUEUE_SIZE: Final = 16
 # PNG encoders running at once (each in its own worker thread).
 WRITERS: Final = 2
 PREVIEW_WINDOW: Final = "caired record (q to stop)"
-INTERRUPTED: Final = 130  # 128 + SIGINT, what shells and most CLIs report for Ctrl-C
 
 _BUILT_WITHOUT_GUI: Final = re.compile(r"^\s*GUI:\s*NONE\s*$", re.MULTILINE)
-
-
-class OutputError(CairedError, OSError):
-    """The recording folder or a frame file could not be written."""
-
-    exit_code = ExitCode.CANT_CREATE
 
 
 @attrs.frozen(kw_only=True)
@@ -91,7 +83,11 @@ class _Recording:
     created: bool
     written: int = 0
     error: OutputError | None = None
-    interrupted: bool = False
+    stopped_by: signal.Signals | None = None  # the signal that stopped the capture early
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by is not None
     stopped_from_preview: bool = False
 
 
@@ -261,8 +257,8 @@ async def _watch_signals(stop_capture: Callable[[], None], stop_all: Callable[[]
             if recording.interrupted:
                 stop_all()
                 return
-            recording.interrupted = True
-            log.info("record_interrupted", signal=signal.Signals(signum).name,
+            recording.stopped_by = signal.Signals(signum)
+            log.info("record_interrupted", signal=recording.stopped_by.name,
                      hint="writing the frames in hand; press Ctrl-C again to stop at once")
             stop_capture()
 
@@ -308,7 +304,9 @@ async def record(cfg: Config, target: Plan) -> int:
         raise recording.error
     if device_error is not None:
         raise device_error
-    return INTERRUPTED if recording.interrupted else ExitCode.OK
+    if recording.stopped_by is not None:
+        return 128 + int(recording.stopped_by)  # what a shell reports for a command a signal ended
+    return ExitCode.OK
 
 
 def _summary(recording: _Recording, stats: CaptureStats, where: Path | None, *, partial: bool) -> None:
@@ -327,35 +325,3 @@ def _summary(recording: _Recording, stats: CaptureStats, where: Path | None, *, 
         partial=partial,
         interrupted=recording.interrupted,
     )
-
-
-def _main(cfg: Config, args: argparse.Namespace) -> int:
-    target = plan(cfg, args.dir, to_spool=args.to_spool, now=time.time())
-    return trio.run(record, cfg, target)
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = command(
-        sub,
-        "record",
-        _main,
-        help="capture camera frames into a folder of PNGs named by capture time",
-        description=(
-            "Capture frames from a camera into DIR as <UNIX seconds>.png files. With --to-spool, or a DIR "
-            "inside a spool's incoming/ folder, the recording is moved into the spool in one rename when it "
-            "ends, for the daemon to stream. Ctrl-C stops and keeps what was recorded (exit 130)."
-        ),
-    )
-    p.add_argument("dir", nargs="?", metavar="DIR",
-                   help="output folder (default: stream.images_dir, IMAGES_DIR); with --to-spool, the session name")
-    p.add_argument("--camera", dest="camera.device", metavar="DEVICE",
-                   help="camera index, /dev/videoN or a video file (CAMERA_INDEX)")
-    p.add_argument("--fps", dest="camera.fps", type=float, metavar="N", help="frames per second (FPS)")
-    p.add_argument("--duration", dest="record.duration", type=float, metavar="SECONDS",
-                   help="seconds to record (DURATION_SEC)")
-    p.add_argument("--width", dest="camera.width", type=int, metavar="PX", help="capture width (RES_WIDTH)")
-    p.add_argument("--height", dest="camera.height", type=int, metavar="PX", help="capture height (RES_HEIGHT)")
-    add_bool(p, "preview", "record.preview", "show a preview window where a display exists; q stops (SHOW_PREVIEW)")
-    p.add_argument("--to-spool", action="store_true",
-                   help="record into the spool (spool.dir): staged in tmp/, moved into incoming/ at the end")
-    add_common(p)

@@ -15,7 +15,6 @@ thread, and come out the same.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import itertools
@@ -26,17 +25,11 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import cv2
 import numpy as np
 import numpy.typing as npt
-import structlog
-
-from caired.errors import ConfigError
-
-if TYPE_CHECKING:
-    from caired.config import Config
 
 Image = npt.NDArray[np.uint8]
 Floats = npt.NDArray[np.float32]
@@ -333,44 +326,3 @@ def _face(width: int, height: int, rng: np.random.Generator) -> tuple[Floats, Fl
     )
     alpha = np.clip(head + hair + shirt, 0.0, 1.0)
     return colour.astype(np.float32), alpha.astype(np.float32), bare.astype(np.float32)
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``caired synth DIR``: write a clip of synthetic frames."""
-    from caired.cli import add_common, command
-
-    parser = command(
-        sub,
-        "synth",
-        _main,
-        help="write synthetic timestamp-named PNG frames with a pulse",
-        description="Write a clip of synthetic face frames whose skin pulses at a known heart rate.",
-    )
-    add_common(parser)
-    parser.add_argument("dir", type=Path, help="folder to write <timestamp>.png frames into (created if missing)")
-    parser.add_argument("--bpm", type=float, default=72.0, help="heart rate carried by the skin (30-240)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
-    parser.add_argument("--fps", type=float, default=30.0, help="frames per second (sets the timestamp spacing)")
-    parser.add_argument("--width", type=int, default=640, help="frame width in pixels")
-    parser.add_argument("--height", type=int, default=480, help="frame height in pixels")
-    parser.add_argument("--seed", type=int, default=None, help="make the clip reproducible")
-    parser.add_argument("--start", type=float, default=None, help="first timestamp, UNIX seconds (default: now)")
-
-
-def _main(cfg: Config, args: argparse.Namespace) -> int:
-    problems = check(bpm=args.bpm, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
-    if problems:
-        name, problem = problems[0]
-        raise ConfigError(name, f"flag --{name}", problem)
-    paths = synthesize(
-        args.dir,
-        bpm=args.bpm,
-        seconds=args.seconds,
-        fps=args.fps,
-        width=args.width,
-        height=args.height,
-        seed=args.seed,
-        start=args.start,
-    )
-    structlog.get_logger().info("synth_written", dir=str(args.dir), frames=len(paths), bpm=args.bpm)
-    return 0

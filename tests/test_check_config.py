@@ -306,3 +306,18 @@ def test_a_spool_on_an_nfs_mount_with_local_only_locks_is_a_problem(tmp_path: Pa
     assert problem is not None and "local_lock=all" in problem and "remount it without nolock" in problem
     table.write_text(table.read_text().replace("local_lock=all", "local_lock=none"))
     assert check_config._spool_problem(share / "spool", table) is None
+
+
+def test_spool_and_log_file_flags_are_checked_as_run_would_take_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("")
+    spool, log_file = tmp_path / "afile" / "spool", tmp_path / "logs" / "caired.jsonl"
+    code, out, err = run(capsys, "--config", str(good_config(tmp_path)), "--spool", str(spool),
+                         "--log-file", str(log_file))
+    assert code == ExitCode.CONFIG
+    rows = listing(out)
+    assert rows["spool.dir"] == (f'"{spool}"', "flag --spool")
+    assert rows["log.file"] == (f'"{log_file}"', "flag --log-file")
+    assert err == (f"caired check-config: spool.dir (from flag --spool): cannot create {spool}: "
+                   f"{tmp_path / 'afile'} is not a folder\n")

@@ -15,7 +15,7 @@ import pytest
 
 from caired import plot
 from caired.cli import main
-from caired.errors import ConfigError, ExitCode, NoFramesError
+from caired.errors import ExitCode, InputError, NoFramesError
 from caired.plot import merge_windows, read_log, render
 
 T0: Final = 1762439955.133
@@ -153,9 +153,10 @@ def test_plot_writes_beside_the_log_by_default(log: Path) -> None:
 
 
 def test_errors_say_what_is_wrong(tmp_path: Path, log: Path) -> None:
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(InputError, match="no such file") as missing:
         read_log(tmp_path / "missing.log")
-    with pytest.raises(ConfigError, match="is a folder"):
+    assert missing.value.exit_code == ExitCode.NO_INPUT  # a missing input, as for 'caired stream'
+    with pytest.raises(InputError, match="is a folder"):
         read_log(tmp_path)
     with pytest.raises(NoFramesError, match=r"rec-404.*rec-000, rec-001"):
         read_log(log, "rec-404")
@@ -188,7 +189,7 @@ def test_cli_selects_by_datapt_id_too(log: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "says"),
     [
-        (["plot", "{tmp}/nope.log"], ExitCode.CONFIG, "no such file"),
+        (["plot", "{tmp}/nope.log"], ExitCode.NO_INPUT, "nope.log: no such file"),
         (["plot", "{log}", "--session", "rec-404"], ExitCode.NO_INPUT, "no answers for session 'rec-404'"),
         (["plot", "{tmp}/empty.log"], ExitCode.NO_INPUT, "no session answers"),
         (["plot", "{log}", "-o", "{tmp}/no/such/dir/x.png"], ExitCode.CANT_CREATE, "cannot write"),

@@ -52,7 +52,7 @@ Run = Callable[..., int]
 @pytest.fixture
 def run(monkeypatch: pytest.MonkeyPatch) -> Run:
     """``run(*argv)``: ``caired ARGV`` in-process with only the record command; returns the exit code."""
-    monkeypatch.setattr(cli, "COMMANDS", ("caired.record",))
+    monkeypatch.setattr(cli, "COMMANDS", ("caired.commands.record",))
     for name in [*ENV_NAMES, *(n for n in os.environ if n.startswith("CAIRED_"))]:
         monkeypatch.delenv(name, raising=False)
 

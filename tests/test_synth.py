@@ -15,6 +15,7 @@ import pytest
 
 from caired import synth
 from caired.cli import main
+from caired.commands import synth as synth_command
 from caired.config import Config
 from caired.errors import ConfigError, ExitCode
 from caired.synth import ppg_template, pulse_wave, render_frames, synthesize
@@ -153,7 +154,7 @@ def test_bad_values_are_config_errors_naming_the_flag(
     values = {"bpm": 72.0, "seconds": 1.0, "fps": 30.0, "width": 64, "height": 48, "seed": 0, "start": START}
     args = argparse.Namespace(dir=tmp_path / "out", **{**values, **changes})
     with pytest.raises(ConfigError) as caught:
-        synth._main(Config(), args)
+        synth_command._main(Config(), args)
     assert caught.value.exit_code == ExitCode.CONFIG
     assert f"--{name}" in str(caught.value)
     assert not (tmp_path / "out").exists()

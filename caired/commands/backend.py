@@ -8,11 +8,27 @@ import trio
 
 from caired.cli import add_common, command
 from caired.config import Config
-from caired.emulator.server import BackendOptions, Faults, serve_backend
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = command(sub, "backend", _main, help="run the local backend (protocol checks, rPPG estimate, faults)")
+    p = command(
+        sub,
+        "backend",
+        _main,
+        help="run the local backend (protocol checks, rPPG estimate, faults)",
+        description="""
+            Run a local stand-in for the Caire backend, for development, tests and the demo. It
+            checks every message against the streaming protocol and closes on a violation, saying
+            which; it answers 'ok' every N frames, with the rPPG window when asked, and 'finished'
+            after the end message, with a heart rate estimated from the frames it received. Fault
+            injection makes it refuse handshakes, drop or close connections, withhold 'finished' or
+            send garbage, to see how a client copes. It runs until Ctrl-C.
+        """,
+        examples=[
+            "caired backend --port 8003",
+            "caired backend --api-key test-key --refuse 2 --drop-after 50",
+        ],
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8003, help="0 picks a free port (default 8003)")
     p.add_argument("--api-key", default="", metavar="KEY", help="require this key (HTTP 403 otherwise)")
@@ -36,6 +52,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> int:
+    from caired.emulator.server import BackendOptions, Faults, serve_backend
+
     options = BackendOptions(
         api_key=args.api_key,
         ok_every=args.ok_every,

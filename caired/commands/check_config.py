@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from caired.cli import add_common, command
+from caired.cli import add_common, add_daemon_paths, command
 from caired.config import Config, Secret, iter_fields, key_file_warning
 from caired.errors import ConfigError, ExitCode, SpoolError
 from caired.spool import FOLDERS, MOUNTINFO, check_shared_locks
@@ -32,8 +32,27 @@ PROG: Final = "caired check-config"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = command(sub, "check-config", _main, help="load the configuration as 'run' would and report it")
+    p = command(
+        sub,
+        "check-config",
+        _main,
+        help="load the configuration as 'run' would and report it",
+        description="""
+            Load the configuration exactly as 'caired run' would, from its flags, the environment,
+            the file and the defaults, and print every key with its effective value and where the
+            value came from (the API key shows as ***). Then check what the daemon needs: that the
+            spool and the log file can be created and written, that the URL ends in /ws/, that a
+            key is set and no one else can read it. Problems go to stderr and exit 78; warnings go
+            to stderr and exit 0. Nothing is created on disk. The checks run as the calling user:
+            run it as the service's user to see what the service will see.
+        """,
+        examples=[
+            "caired check-config --config /etc/caired/caired.toml",
+            "caired check-config --spool ~/caired-spool --log-level debug",
+        ],
+    )
     p.set_defaults(opens_log_file=False)  # checking the log file must not create it
+    add_daemon_paths(p)
     add_common(p)
 
 

@@ -6,18 +6,35 @@ import argparse
 
 import trio
 
-from caired.cli import add_common, command
+from caired.cli import add_common, add_daemon_paths, command
 from caired.config import Config
-from caired.daemon import serve
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = command(sub, "run", _main, help="run the daemon: stream every folder dropped into the spool")
-    p.add_argument("--spool", dest="spool.dir", metavar="DIR", help="spool folder (default /var/lib/caired)")
-    p.add_argument("--log-file", dest="log.file", metavar="PATH", help="also append the JSON log to PATH")
+    p = command(
+        sub,
+        "run",
+        _main,
+        help="run the daemon: stream every folder dropped into the spool",
+        description="""
+            Run the daemon in the foreground, as systemd expects (no forking): watch the spool's
+            incoming/ folder, stream each complete folder dropped there as one session, and file
+            it in done/ with its result.json, or in failed/ with its error.json; with [camera]
+            enabled, also stream live camera sessions. Connection problems are retried without
+            limit. SIGTERM or Ctrl-C stops within seconds and puts sessions in flight back into
+            incoming/; SIGHUP reopens the log file.
+        """,
+        examples=[
+            "caired run --config /etc/caired/caired.toml",
+            "caired run --spool ~/caired-spool --log-file ~/caired.jsonl",
+        ],
+    )
+    add_daemon_paths(p)
     add_common(p)
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> int:
+    from caired.daemon import serve
+
     trio.run(serve, cfg)
     return 0

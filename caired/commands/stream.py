@@ -1,13 +1,10 @@
-"""``caired stream [DIR]``: stream one folder of frames as one session, then exit.
-
-Exit codes: 0 finished; 1 the session failed; 65 no usable frames; 69 backend
-unreachable after the retries; 77 key rejected; 78 configuration error.
-"""
+"""``caired stream [DIR]``: stream one folder of frames as one session, then exit."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Final
 
 import structlog
 import trio
@@ -25,9 +22,37 @@ from caired.uplink import Gate
 log = structlog.get_logger()
 
 
+EXIT_CODES: Final = """\
+exit codes:
+  0    the backend answered 'finished'
+  1    the session failed: closed early, or no 'finished' within --finish-timeout
+  2    a bad command-line flag
+  65   no usable frames: a missing folder, or none readable
+  69   the backend was unreachable after --retries attempts
+  77   the key or the URL path was rejected (HTTP 401/403, close 1008)
+  78   a configuration error
+  130  stopped by Ctrl-C (SIGINT)"""
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = command(sub, "stream", _main, help="stream one folder of frames as one session and exit",
-                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command(
+        sub,
+        "stream",
+        _main,
+        help="stream one folder of frames as one session and exit",
+        description="""
+            Stream one folder of <timestamp>.png frames to the backend as one session: the frames
+            leave in timestamp order at --fps, the last is sent again as the end message, and the
+            command waits for the 'finished' answer, then exits. Every answer is logged whole, as
+            a JSON line on stdout (a readable form and a progress line on a terminal). A dropped
+            connection is retried from the first frame with the same datapt_id.
+        """,
+        examples=[
+            "caired stream recordings/2025-05-13 --url wss://backend.example:8003/ws/ --api-key-file ~/.caire-key",
+            "caired stream images --fps 0 --format raw",
+        ],
+        notes=EXIT_CODES,
+    )
     p.add_argument("dir", nargs="?", help="folder of <timestamp>.png frames (default: IMAGES_DIR, or ./images)")
     add_backend_options(p)
     add_stream_options(p)
