@@ -1,4 +1,8 @@
-"""``caired record``, run in-process through the CLI with a video file (or a fake capture) as the camera."""
+"""``caired record``, run in-process through the CLI with a video file (or a fake capture) as the camera.
+
+Every run is on trio's MockClock: the capture's schedule, its duration and the frames' capture
+times are virtual, so frame counts and timestamps are exact.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,17 @@ import json
 import os
 import re
 import signal
-import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
-from itertools import pairwise
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import cv2
 import numpy as np
 import pytest
+import trio
+import trio.testing
 
 from caired import camera, cli, record
 from caired.camera import CapturedFrame
@@ -25,6 +29,8 @@ from tests.conftest import write_video
 PNG = re.compile(r"^\d+\.\d+\.png$")
 ENV_NAMES = ("FPS", "DURATION_SEC", "CAMERA_INDEX", "IMAGES_DIR", "RES_WIDTH", "RES_HEIGHT", "SHOW_PREVIEW",
              "DISPLAY", "WAYLAND_DISPLAY")
+T0_TICKS: Final = 17471543800000000  # 1747154380.0000000 s in the 100 ns ticks of a frame's name
+TICKS_PER_SECOND: Final = 10_000_000
 
 
 class FakeCapture:
@@ -46,15 +52,36 @@ class FakeCapture:
         pass
 
 
+class VirtualWallClock:
+    """The camera module's ``time``, except that ``time_ns`` (a frame's capture time) reads the MockClock."""
+
+    def __init__(self, clock: trio.testing.MockClock) -> None:
+        self._clock = clock
+
+    def time_ns(self) -> int:
+        return T0_TICKS * 100 + round(self._clock.current_time() * 1e9)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
 Run = Callable[..., int]
 
 
 @pytest.fixture
-def run(monkeypatch: pytest.MonkeyPatch) -> Run:
-    """``run(*argv)``: ``caired ARGV`` in-process with only the record command; returns the exit code."""
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+def run(monkeypatch: pytest.MonkeyPatch, clock: trio.testing.MockClock) -> Run:
+    """``run(*argv)``: ``caired ARGV`` in-process with only the record command, on virtual time; the exit code."""
     monkeypatch.setattr(cli, "COMMANDS", ("caired.commands.record",))
     for name in [*ENV_NAMES, *(n for n in os.environ if n.startswith("CAIRED_"))]:
         monkeypatch.delenv(name, raising=False)
+    real_run = trio.run
+    monkeypatch.setattr(trio, "run", lambda fn, *args: real_run(fn, *args, clock=clock))
+    monkeypatch.setattr(camera, "time", VirtualWallClock(clock))
 
     def run(*argv: str) -> int:
         return cli.main(["record", *argv, "--log-format", "json"])
@@ -81,27 +108,32 @@ def pngs(folder: Path) -> list[str]:
     return names
 
 
-def stamps(names: list[str]) -> list[float]:
-    return [float(name.removesuffix(".png")) for name in names]
+def ticks(name: str) -> int:
+    """A frame's capture time in 100 ns ticks, read exactly from its name."""
+    seconds, fraction = name.removesuffix(".png").split(".")
+    return int(seconds) * TICKS_PER_SECOND + int(fraction)
+
+
+def on_schedule(names: list[str], fps: int) -> bool:
+    """True when the frames were captured exactly ``1 / fps`` apart (fps dividing 10**7 keeps it exact)."""
+    return [ticks(name) - ticks(names[0]) for name in names] == [i * TICKS_PER_SECOND // fps for i in range(len(names))]
 
 
 def test_record_writes_whole_pngs_named_by_capture_time(
     run: Run, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "1", "--no-preview") == 0
+    assert run(str(out), "--camera", str(video), "--fps", "10", "--duration", "1", "--no-preview") == 0
     names = pngs(out)
-    assert 18 <= len(names) <= 21
-    times = stamps(names)
-    assert all(a < b for a, b in pairwise(times))
-    assert statistics.median(b - a for a, b in pairwise(times)) == pytest.approx(1 / 20, rel=0.2)
+    assert len(names) == 10
+    assert on_schedule(names, 10)
     image = cv2.imread(str(out / names[0]))
     assert image is not None and image.shape == (48, 64, 3)
     [summary] = events(capsys.readouterr().out, "record_finished")
     assert summary["frames"] == summary["captured"] == len(names)
     assert summary["dropped"] == 0 and summary["partial"] is False and summary["interrupted"] is False
     assert summary["dir"] == str(out)
-    assert summary["seconds"] == pytest.approx(1.0, abs=0.15)
+    assert summary["seconds"] == 1.0
 
 
 def test_record_honours_the_original_environment_variables(
@@ -125,7 +157,8 @@ def test_record_honours_the_original_environment_variables(
     monkeypatch.setenv("SHOW_PREVIEW", "false")
     assert run() == 0
     assert opened[0] == (str(video), 320, 240, 10.0)
-    assert 5 <= len(pngs(images)) <= 7
+    names = pngs(images)
+    assert len(names) == 6 and on_schedule(names, 10)
     out = capsys.readouterr().out
     assert not events(out, "preview_skipped")  # SHOW_PREVIEW=false: no preview, nothing to skip
     assert events(out, "record_finished")[0]["dir"] == str(images)
@@ -134,11 +167,12 @@ def test_record_honours_the_original_environment_variables(
 def test_flags_win_over_environment_variables(
     run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FPS", "60")
+    monkeypatch.setenv("FPS", "40")
     monkeypatch.setenv("DURATION_SEC", "30")
     out = tmp_path / "out"
     assert run(str(out), "--camera", str(video), "--fps", "10", "--duration", "0.5", "--no-preview") == 0
-    assert 4 <= len(pngs(out)) <= 6
+    names = pngs(out)
+    assert len(names) == 5 and on_schedule(names, 10)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +197,7 @@ def test_preview_is_skipped_with_one_line_where_it_cannot_show(
     assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "0.3", "--preview") == 0
     [skipped] = events(capsys.readouterr().out, "preview_skipped")
     assert reason in skipped["reason"]
-    assert len(pngs(out)) >= 4
+    assert len(pngs(out)) == 6
 
 
 def test_to_spool_publishes_exactly_one_folder(
@@ -174,7 +208,7 @@ def test_to_spool_publishes_exactly_one_folder(
     assert run("--to-spool", "--camera", str(video), "--fps", "20", "--duration", "0.5", "--no-preview") == 0
     [session] = list((spool / "incoming").iterdir())
     assert re.fullmatch(r"rec-\d{8}T\d{6}Z", session.name)
-    assert 9 <= len(pngs(session)) <= 11
+    assert len(pngs(session)) == 10
     assert list((spool / "tmp").iterdir()) == []
     assert events(capsys.readouterr().out, "record_finished")[0]["dir"] == str(session)
 
@@ -199,7 +233,7 @@ def test_dir_inside_incoming_is_staged_then_moved_in_one_piece(
         assert run(str(target), "--camera", str(video), "--fps", "20", "--duration", "0.3", "--no-preview") == 0
     assert written_in == {spool / "tmp" / "walk"}
     assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["walk", "walk-2"]
-    assert len(pngs(spool / "incoming" / "walk")) >= 4 and len(pngs(spool / "incoming" / "walk-2")) >= 4
+    assert len(pngs(spool / "incoming" / "walk")) == len(pngs(spool / "incoming" / "walk-2")) == 6
     assert list((spool / "tmp").iterdir()) == []
 
 
@@ -226,63 +260,61 @@ def test_camera_that_stops_keeps_the_partial_recording(
     into_spool: bool,
 ) -> None:
     monkeypatch.setattr(camera, "open_device", lambda *args: FakeCapture(frames=8))
-    monkeypatch.setattr(camera, "STALL_SECONDS", 0.2)
     spool = tmp_path / "spool"
     out = spool / "incoming" / "cut" if into_spool else tmp_path / "cut"
     assert run(str(out), "--camera", "0", "--fps", "20", "--duration", "5", "--no-preview") == 74
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [captured.err.strip()]
-    assert captured.err.startswith("caired record: camera 0 stopped delivering frames")
+    assert captured.err.startswith("caired record: camera 0 stopped delivering frames (none for 2.1 s)")
     assert len(pngs(out)) == 8
     [summary] = events(captured.out, "record_finished")
     assert summary["partial"] is True and summary["frames"] == 8 and summary["dir"] == str(out)
+    # The last frame came at 0.35 s; the first read more than STALL_SECONDS later, at 2.4 s, gave up.
+    assert summary["seconds"] == round(0.35 + camera.STALL_SECONDS + 0.05, 2)
     if into_spool:
         assert list((spool / "tmp").iterdir()) == []
 
 
-@pytest.fixture
-def interrupt_after_first_frame(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
-    threads: list[threading.Thread] = []
+def interrupt_on_read(monkeypatch: pytest.MonkeyPatch, nth: int, signum: signal.Signals) -> None:
+    """Send ``signum`` to this process as the camera's ``nth`` read starts, as a user pressing Ctrl-C would."""
+    real_read = camera.Camera.read
+    reads = 0
 
-    def arm(folder: Path) -> None:
-        def watch() -> None:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                if any(folder.rglob("1*.png")):
-                    os.kill(os.getpid(), signal.SIGINT)
-                    return
-                time.sleep(0.02)
+    async def read(self: camera.Camera) -> CapturedFrame | None:
+        nonlocal reads
+        reads += 1
+        if reads == nth:
+            signal.raise_signal(signum)
+            await trio.sleep_forever()  # a read in flight when the signal came: the capture abandons it
+        return await real_read(self)
 
-        thread = threading.Thread(target=watch, daemon=True)
-        threads.append(thread)
-        thread.start()
-
-    yield arm
-    for thread in threads:
-        thread.join(timeout=6)
+    monkeypatch.setattr(camera.Camera, "read", read)
 
 
 @pytest.mark.parametrize("into_spool", [False, True], ids=["folder", "spool"])
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
 def test_ctrl_c_stops_and_keeps_what_was_recorded(
     run: Run,
     video: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    interrupt_after_first_frame: Callable[[Path], None],
     into_spool: bool,
+    signum: signal.Signals,
+    code: int,
 ) -> None:
     spool = tmp_path / "spool"
     out = spool / "incoming" / "stopped" if into_spool else tmp_path / "stopped"
-    interrupt_after_first_frame(spool / "tmp" if into_spool else out)
-    started = time.monotonic()
-    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "30", "--no-preview") == 130
-    assert time.monotonic() - started < 5
+    interrupt_on_read(monkeypatch, 12, signum)
+    assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "30", "--no-preview") == code
     names = pngs(out)
-    assert names
+    assert len(names) == 11 and on_schedule(names, 20)  # the frames of 0.0 s to 0.5 s; the read at 0.55 s stopped
     log = capsys.readouterr().out
-    assert len(events(log, "record_interrupted")) == 1
+    [interrupted] = events(log, "record_interrupted")
+    assert interrupted["signal"] == signum.name
     [summary] = events(log, "record_finished")
     assert summary["interrupted"] is True and summary["frames"] == len(names)
+    assert summary["seconds"] == 0.55
     if into_spool:
         assert list((spool / "tmp").iterdir()) == []
 
@@ -292,25 +324,31 @@ def test_writer_falling_behind_drops_frames_and_says_so(
 ) -> None:
     release = threading.Event()
     real_write = record.write_frame
+    real_capture = camera.capture
 
     def stuck_until_released(folder: Path, frame: CapturedFrame) -> None:
-        release.wait(5)
+        assert release.wait(10)
         real_write(folder, frame)
 
+    async def capture_then_release(*args: Any, **kwargs: Any) -> camera.CaptureStats:
+        try:
+            return await real_capture(*args, **kwargs)
+        finally:
+            release.set()  # the writers are stuck for the whole capture
+
     monkeypatch.setattr(record, "write_frame", stuck_until_released)
-    timer = threading.Timer(1.2, release.set)  # the writers are stuck for the whole capture
-    timer.start()
+    monkeypatch.setattr(camera, "capture", capture_then_release)
     out = tmp_path / "out"
     try:
         assert run(str(out), "--camera", str(video), "--fps", "30", "--duration", "1", "--no-preview") == 0
     finally:
-        timer.cancel()
         release.set()
     log = capsys.readouterr().out
     [summary] = events(log, "record_finished")
     # two frames in the writers' hands and a full queue are kept; the rest are dropped, not queued
     assert summary["frames"] == len(pngs(out)) == record.QUEUE_SIZE + record.WRITERS
-    assert summary["dropped"] == summary["captured"] - summary["frames"] >= 8
+    assert summary["captured"] == 30
+    assert summary["dropped"] == 30 - record.QUEUE_SIZE - record.WRITERS
     assert events(log, "record_frames_dropped")[0]["count"] == summary["dropped"]
 
 
@@ -365,9 +403,9 @@ def test_write_failure_stops_the_recording_with_exit_73(
 
     monkeypatch.setattr(record, "write_frame", disk_fills_up)
     out = tmp_path / "out"
-    started = time.monotonic()
     assert run(str(out), "--camera", str(video), "--fps", "20", "--duration", "30", "--no-preview") == 73
-    assert time.monotonic() - started < 3  # the capture stopped at the first failed write
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and "No space left on device" in captured.err
     assert len(pngs(out)) == 3
+    [summary] = events(captured.out, "record_finished")
+    assert summary["seconds"] < 30  # the capture stopped at the failed write, not at the end of its 30 s
