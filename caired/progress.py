@@ -1,13 +1,14 @@
-"""The live progress line on a terminal: frames sent of total, rate, latest HR.
+"""The live progress line on a terminal, for ``caired stream`` and ``caired demo``.
 
 It is drawn on stderr, only when stderr is a terminal, and redrawn a few times a
-second; log lines printed meanwhile clear it first, so the two never share a line.
+second from a function of the time; log lines printed meanwhile clear it first, so the
+two never share a line. ``render`` is stream's line: frames sent of total, rate, latest HR.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final, TextIO
 
@@ -31,7 +32,8 @@ def render(tally: Tally, now: float) -> str:
 
 
 @asynccontextmanager
-async def progress_line(tally: Tally, *, out: TextIO | None = None) -> AsyncIterator[None]:
+async def progress_line(line: Callable[[float], str], *, out: TextIO | None = None) -> AsyncIterator[None]:
+    """Keep ``line(trio.current_time())`` drawn on ``out`` (stderr) while the block runs."""
     out = out or sys.stderr
     if not _isatty(out):
         yield
@@ -43,7 +45,7 @@ async def progress_line(tally: Tally, *, out: TextIO | None = None) -> AsyncIter
 
     async def draw() -> None:
         while True:
-            out.write(CLEAR + render(tally, trio.current_time()))
+            out.write(CLEAR + line(trio.current_time()))
             out.flush()
             await trio.sleep(REDRAW)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import cv2
-import numpy as np
 import pytest
+import trio
+import trio.testing
 
 from caired.commands.stream import stream_folder
 from caired.emulator.server import BackendState, Faults
@@ -248,9 +251,70 @@ async def test_cli_key_never_appears_even_at_debug_level(backend: BackendFactory
     assert SECRET_KEY not in out and "api_key=***" in out
 
 
-def test_frames_written_by_tests_are_real_pngs(frames: Callable[..., Path]) -> None:
-    """The fixture itself: decodable PNGs named by timestamp, so the tests above test something."""
-    refs = list_frames(frames(3)).frames
-    image = cv2.imdecode(np.frombuffer(refs[0].path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
-    assert image is not None and image.shape == (48, 64, 3)
-    assert base64.b64encode(refs[0].path.read_bytes())
+class Lines:
+    """The JSON lines a child writes on a pipe, read as they come."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = b""
+        self.seen: list[dict[str, Any]] = []
+
+    async def until(self, event: str) -> dict[str, Any]:
+        """Read up to the first line of ``event``; fail if the pipe ends first."""
+        while True:
+            for record in self.seen:
+                if record["event"] == event:
+                    return record
+            if not await self._read():
+                raise AssertionError(f"no {event!r} line before the end: {[r['event'] for r in self.seen]}")
+
+    async def rest(self) -> list[dict[str, Any]]:
+        while await self._read():
+            pass
+        return self.seen
+
+    async def _read(self) -> bool:
+        chunk = await self._stream.receive_some()
+        self._buffer += chunk
+        *complete, self._buffer = self._buffer.split(b"\n")
+        self.seen.extend(json.loads(line) for line in complete if line.strip())
+        return bool(chunk)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
+async def test_cli_stopped_by_a_signal_closes_with_1001_logs_and_says_one_line(
+    backend: BackendFactory, frames: Callable[..., Path], signum: signal.Signals, code: int
+) -> None:
+    state = await backend(ok_every=2)
+    env = cli_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{state.port}/ws/", FPS="10", CAIRED_LOG_FORMAT="json")
+    with trio.fail_after(30):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "caired", "stream", str(frames(40))],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            out = Lines(proc.stdout)
+            await out.until("response")  # streaming, 4 s of frames to go
+            proc.send_signal(signum)
+            lines = await out.rest()
+            err = b""
+            while chunk := await proc.stderr.receive_some():
+                err += chunk
+            assert await proc.wait() == code
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the backend has read all the child sent before exiting
+    seen = state.sessions[0]
+    assert seen.close_code == 1001 and seen.end is None and not seen.finished
+    [cancelled] = [line for line in lines if line["event"] == "session_cancelled"]
+    assert cancelled["level"] == "warning"
+    assert cancelled["datapt_id"] == seen.datapt_id
+    assert cancelled["frames_sent"] == len(seen.frames) < 40 and cancelled["frames_total"] == 40
+    assert lines[-1] == cancelled
+    assert one_line_error(err) == (
+        f"caired stream: stopped by {signum.name} after sending {len(seen.frames)} of 40 frames; "
+        f"the connection was closed as going away (datapt_id {seen.datapt_id})"
+    )

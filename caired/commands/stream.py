@@ -1,26 +1,34 @@
-"""``caired stream [DIR]``: stream one folder of frames as one session, then exit."""
+"""``caired stream [DIR]``: stream one folder of frames as one session, then exit.
+
+Ctrl-C and SIGTERM end the session the same way: the signal cancels it, the connection
+closes with 1001 (going away), ``session_cancelled`` is logged with the frames sent, one
+line on stderr says so, and the exit code is 128 + the signal (130, 143).
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 from typing import Final
 
+import attrs
 import structlog
 import trio
 
+from caired._trio import open_nursery
 from caired.attempt import Tally
 from caired.cli import add_bool, add_common, command
 from caired.config import Config
 from caired.frames import encode_workers
-from caired.progress import progress_line
+from caired.progress import progress_line, render
 from caired.protocol import new_datapt_id
 from caired.session import Limits, deliver
 from caired.sources import FolderSource
 from caired.uplink import Gate
 
 log = structlog.get_logger()
-
 
 EXIT_CODES: Final = """\
 exit codes:
@@ -31,7 +39,8 @@ exit codes:
   69   the backend was unreachable after --retries attempts
   77   the key or the URL path was rejected (HTTP 401/403, close 1008)
   78   a configuration error
-  130  stopped by Ctrl-C (SIGINT)"""
+  130  stopped by Ctrl-C (SIGINT)
+  143  stopped by SIGTERM"""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,7 +54,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             leave in timestamp order at --fps, the last is sent again as the end message, and the
             command waits for the 'finished' answer, then exits. Every answer is logged whole, as
             a JSON line on stdout (a readable form and a progress line on a terminal). A dropped
-            connection is retried from the first frame with the same datapt_id.
+            connection is retried from the first frame with the same datapt_id. Ctrl-C or SIGTERM
+            closes the connection with 1001 (going away) and exits 130 or 143.
         """,
         examples=[
             "caired stream recordings/2025-05-13 --url wss://backend.example:8003/ws/ --api-key-file ~/.caire-key",
@@ -78,20 +88,75 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     add_bool(p, "advanced", "stream.advanced", "ask for the continuous rPPG signal (default on)")
 
 
+@attrs.frozen
+class Stopped:
+    """A session a signal ended: which signal, and how far it had got."""
+
+    signal: signal.Signals
+    datapt_id: str
+    sent: int
+    total: int | None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal)  # what a shell reports for a process a signal ended
+
+    def line(self) -> str:
+        if self.total is None:
+            return f"stopped by {self.signal.name} before the session started (datapt_id {self.datapt_id})"
+        return (f"stopped by {self.signal.name} after sending {self.sent} of {self.total} frames; "
+                f"the connection was closed as going away (datapt_id {self.datapt_id})")
+
+
 def _main(cfg: Config, args: argparse.Namespace) -> int:
     directory = Path(args.dir if args.dir else cfg.stream.images_dir)
-    trio.run(stream_folder, cfg, directory)
-    return 0
+    stopped = trio.run(stream_until_signalled, cfg, directory)
+    if stopped is None:
+        return 0
+    print(f"caired stream: {stopped.line()}", file=sys.stderr)
+    return stopped.exit_code
 
 
-async def stream_folder(cfg: Config, directory: Path) -> None:
+async def stream_until_signalled(cfg: Config, directory: Path) -> Stopped | None:
+    """Stream ``directory``; SIGINT or SIGTERM cancels the session. Returns how a signal stopped it, or None."""
+    datapt_id = new_datapt_id()
+    tally = Tally()
+    received: list[signal.Signals] = []
+    finished = False
+    # Opened before the session starts, so no signal arrives unhandled once streaming could begin.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signal.Signals(signum))
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(watch)
+            await stream_folder(cfg, directory, datapt_id=datapt_id, tally=tally)
+            finished = True
+            nursery.cancel_scope.cancel()
+    if finished or not received:
+        return None
+    return Stopped(signal=received[0], datapt_id=datapt_id, sent=tally.sent, total=tally.total)
+
+
+async def stream_folder(
+    cfg: Config, directory: Path, *, datapt_id: str | None = None, tally: Tally | None = None
+) -> None:
+    """One session of ``directory``'s frames; ``tally`` shows how far it got, also when it is cancelled."""
     limiter = trio.CapacityLimiter(encode_workers())
     source = FolderSource(directory, cfg, limiter)
-    datapt_id = new_datapt_id()
+    datapt_id = datapt_id or new_datapt_id()
+    tally = tally if tally is not None else Tally()
     with structlog.contextvars.bound_contextvars(source="cli", session=directory.name, datapt_id=datapt_id):
-        await source.prepare()
-        tally = Tally()
-        async with progress_line(tally):
-            gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
-            await deliver(source, cfg=cfg, gate=gate, name=directory.name, datapt_id=datapt_id,
-                          limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
+        try:
+            await source.prepare()
+            async with progress_line(lambda now: render(tally, now)):
+                gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
+                await deliver(source, cfg=cfg, gate=gate, name=directory.name, datapt_id=datapt_id,
+                              limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
+        except trio.Cancelled:
+            log.warning("session_cancelled", frames_sent=tally.sent, frames_total=tally.total)
+            raise
