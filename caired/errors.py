@@ -163,3 +163,9 @@ class InputError(CairedError, OSError):
     """An input file (a log to plot) is missing or cannot be read: the same exit code as a missing folder."""
 
     exit_code = ExitCode.NO_INPUT
+
+
+class DemoFailed(CairedError):
+    """The demo's session did not finish (failed, or no result in time), or its options are out of range."""
+
+    exit_code = ExitCode.SESSION_FAILED

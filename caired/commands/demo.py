@@ -3,13 +3,16 @@
 A local backend on a free loopback port; a temporary spool; the daemon (the same
 machinery ``caired run`` uses); a synthesized face whose skin pulses at a random
 heart rate, dropped into the spool the recommended way (written beside, then
-renamed in). It shows progress as the backend receives the frames, then the heart
-rate the backend estimated beside the truth, and where the log and result.json are.
+renamed in). On a terminal it shows progress as the backend receives the frames,
+with the log above it; its stdout ends with the heart rate the backend estimated
+beside the truth. When stdout is not a terminal, it carries that summary only and
+the log goes to the demo's log file.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import shutil
@@ -26,8 +29,8 @@ import trio
 from caired import logging as clog
 from caired.cli import add_common, command
 from caired.config import Config
-from caired.errors import CairedError, ExitCode
-from caired.progress import CLEAR
+from caired.errors import DemoFailed
+from caired.progress import progress_line
 
 if TYPE_CHECKING:
     from caired.emulator.server import BackendState
@@ -35,10 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 DEADLINE: Final = 120.0  # the demo gives up on a session this late
-
-
-class DemoFailed(CairedError):
-    exit_code = ExitCode.SESSION_FAILED
+FPS: Final = 30.0  # the synthetic clip's frame rate
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -51,8 +51,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             Run the whole loop on this machine, with no network and no camera: a local backend on a
             free loopback port, the daemon on a temporary spool, and a synthetic face whose skin
             pulses at a random (or --bpm) heart rate, dropped into the spool. On a terminal, a
-            progress line shows the frames the backend received and its latest heart rate. The demo
-            ends by printing the backend's estimate beside the truth.
+            progress line shows the frames the backend received and its latest heart rate, below
+            the log. The demo ends by printing the backend's estimate beside the truth on stdout;
+            when stdout is not a terminal, that summary is all it carries, and the log goes to the
+            demo's log file, kept with --keep.
         """,
         examples=[
             "caired demo",
@@ -84,7 +86,8 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    _report(outcome, bpm, work if keep else None)
+    summary = report(outcome, bpm, work if keep else None)
+    print(("\n" if _isatty(sys.stdout) else "") + summary)  # on a terminal, apart from the log above
     return 0
 
 
@@ -104,27 +107,40 @@ async def _demo(cfg: Config, work: Path, bpm: float, seconds: float) -> Outcome:
 
     began = time.monotonic()
     spool, log_file = work / "spool", work / "caired.jsonl"
+    cfg = attrs.evolve(cfg, log=attrs.evolve(cfg.log, file=str(log_file)))
+    # Off a terminal, stdout is the summary's alone; the log file has every line.
+    clog.configure(cfg, stdout=None if _isatty(sys.stdout) else _Discard())
     async with trio.open_nursery() as nursery:
         state: BackendState = await nursery.start(serve_backend, BackendOptions())
         cfg = attrs.evolve(
             cfg,
             backend=attrs.evolve(cfg.backend, url=f"ws://127.0.0.1:{state.port}/ws/", finish_timeout=60.0),
             spool=attrs.evolve(cfg.spool, dir=str(spool), settle_seconds=1.0, rescan_seconds=5.0),
-            log=attrs.evolve(cfg.log, file=str(log_file)),
         )
-        clog.configure(cfg)
         await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None), task_status=task_status))
         name = f"demo-{time.strftime('%Y%m%dT%H%M%S')}"
         staging = spool / "tmp" / name
         log.info("demo_synthesizing", bpm=bpm, seconds=seconds, folder=str(staging))
-        await trio.to_thread.run_sync(lambda: synthesize(staging, bpm=bpm, seconds=seconds, fps=30.0))
+        await trio.to_thread.run_sync(lambda: synthesize(staging, bpm=bpm, seconds=seconds, fps=FPS))
         await trio.to_thread.run_sync(staging.rename, spool / "incoming" / name)
         log.info("demo_dropped", folder=str(spool / "incoming" / name))
-        total = round(seconds * 30.0)
-        result_file = await _wait_for_result(spool, name, state, total)
+        total = round(seconds * FPS)
+        async with progress_line(lambda _now: progress(state, total)):
+            result_file = await _wait_for_result(spool, name)
         nursery.cancel_scope.cancel()
     result = json.loads(await trio.to_thread.run_sync(result_file.read_text))
     return Outcome(result=result, log_file=log_file, result_file=result_file, seconds=time.monotonic() - began)
+
+
+def progress(state: BackendState, total: int) -> str:
+    """The demo's progress line: what the backend received so far, and its latest heart rate."""
+    if not state.sessions:
+        return f"backend received 0/{total} frames · waiting for the daemon"
+    seen = state.sessions[-1]
+    hr = next((a["inference"].get("hr") for a in reversed(seen.answers) if isinstance(a.get("inference"), dict)),
+              None)
+    shown = "warming up" if hr is None or hr < 0 else f"{hr} bpm"
+    return f"backend received {len(seen.frames)}/{total} frames · HR {shown}"
 
 
 def _outcome(spool: Path, name: str) -> tuple[Path | None, str | None]:
@@ -138,32 +154,23 @@ def _outcome(spool: Path, name: str) -> tuple[Path | None, str | None]:
     return None, None
 
 
-async def _wait_for_result(spool: Path, name: str, state: BackendState, total: int) -> Path:
-    tty = sys.stderr.isatty()
+async def _wait_for_result(spool: Path, name: str) -> Path:
     with trio.move_on_after(DEADLINE):
         while True:
             done, failure = await trio.to_thread.run_sync(_outcome, spool, name)
             if done is not None:
-                if tty:
-                    sys.stderr.write(CLEAR)
                 return done
             if failure is not None:
                 raise DemoFailed(f"the demo session failed: {failure}")
-            if tty and state.sessions:
-                seen = state.sessions[-1]
-                hr = next((a["inference"]["hr"] for a in reversed(seen.answers)), None)
-                shown = "warming up" if hr is None or hr < 0 else f"{hr} bpm"
-                sys.stderr.write(f"{CLEAR}backend received {len(seen.frames)}/{total} frames · HR {shown}")
-                sys.stderr.flush()
             await trio.sleep(0.2)
     raise DemoFailed(f"no result within {DEADLINE:g} s")
 
 
-def _report(outcome: Outcome, bpm: float, kept: Path | None) -> None:
+def report(outcome: Outcome, bpm: float, kept: Path | None) -> str:
+    """The summary the demo ends with, on stdout."""
     hr = outcome.result.get("hr")
     error = f"{hr - bpm:+.1f}" if isinstance(hr, int | float) else "n/a"
     lines = [
-        "",
         f"  heart rate estimated by the backend : {hr} bpm",
         f"  true heart rate of the synthetic face: {bpm} bpm   (error {error} bpm)",
         f"  frames sent: {outcome.result.get('frames_sent')}   attempts: {outcome.result.get('attempts')}   "
@@ -173,4 +180,18 @@ def _report(outcome: Outcome, bpm: float, kept: Path | None) -> None:
         lines += [f"  log:         {outcome.log_file}", f"  result.json: {outcome.result_file}"]
     else:
         lines += ["  (the temporary spool, log and result.json were removed; --keep keeps them)"]
-    print("\n".join(lines), file=sys.stderr)
+    return "\n".join(lines)
+
+
+class _Discard(io.StringIO):
+    """A text stream that keeps nothing: the log's stdout when the demo's stdout is not a terminal."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (ValueError, OSError):
+        return False
