@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,6 +33,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from caired import fsops
 from caired.errors import InputError, NoFramesError, PlotWriteError
 from caired.protocol import Answer
 
@@ -169,13 +169,9 @@ def plot(log: Path, *, session: str | None = None, output: Path | None = None) -
     ok, png = cv2.imencode(".png", render(found))
     if not ok:
         raise PlotWriteError(f"{output}: cv2 could not encode the picture")
-    tmp = output.with_name(f".{output.name}.tmp")
     try:
-        with tmp.open("wb") as fh:
-            fh.write(png.tobytes())
-        os.replace(tmp, output)
+        fsops.write_bytes_atomic(output, png.data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise PlotWriteError(f"{output}: cannot write the picture: {exc.strerror or exc}") from None
     return output, found
 

@@ -6,9 +6,12 @@ temporary name in the same folder and renamed. Capture runs on an absolute sched
 PNG encoding and writing run in worker threads behind a small bounded queue, and a frame
 that finds the queue full is dropped and counted rather than held in memory.
 
-Into a spool: with ``--to-spool``, or a DIR inside a folder named ``incoming``, frames are
-written to ``<spool>/tmp/<name>/`` and the folder is moved into ``<spool>/incoming/`` in one
-rename when the capture ends, so the daemon never sees a half-written recording.
+Into a spool: with ``--to-spool``, or a DIR inside a folder named ``incoming``, the recording
+is a session of the spool, made as the daemon's camera sessions are (``Spool.create_active``):
+a folder of ``active/``, locked by this process while frames are written into it, handed to
+``incoming/`` (marked ready, ``name.1`` if the name is taken) when the capture ends. The daemon
+never sees a half-written recording, and if this process dies, the daemon's recovery gives
+what was recorded to ``incoming/`` (a folder still being made in ``tmp/`` is cleaned up).
 
 Ctrl-C (or SIGTERM) stops the capture, writes the frames already in hand and keeps the
 recording (moved into the spool too); a second one stops at once. The exit code is then
@@ -19,8 +22,6 @@ camera that cannot be opened exits 74 with one line; one that stops delivering f
 
 from __future__ import annotations
 
-import errno
-import itertools
 import os
 import re
 import signal
@@ -36,10 +37,11 @@ import cv2
 import structlog
 import trio
 
-from caired import camera
+from caired import camera, fsops
 from caired.camera import CapturedFrame, CaptureStats, Image
 from caired.config import Config
-from caired.errors import DeviceError, ExitCode, OutputError
+from caired.errors import CairedError, DeviceError, ExitCode, OutputError
+from caired.spool import Claim, Spool, check_name
 
 log = structlog.get_logger()
 
@@ -54,10 +56,10 @@ _BUILT_WITHOUT_GUI: Final = re.compile(r"^\s*GUI:\s*NONE\s*$", re.MULTILINE)
 
 @attrs.frozen(kw_only=True)
 class Plan:
-    """Where a recording goes: written into ``directory``; in spool mode then moved into ``incoming``."""
+    """Where a recording goes: written into ``directory``; in spool mode, a session of that spool."""
 
     directory: Path  # the folder asked for, or the session's name inside the spool
-    spool: Path | None = None  # spool mode: staged in <spool>/tmp/<name>, published to <spool>/incoming/<name>
+    spool: Path | None = None  # spool mode: recorded in <spool>/active/, handed to <spool>/incoming/ at the end
 
     @property
     def name(self) -> str:
@@ -65,7 +67,7 @@ class Plan:
 
 
 def plan(cfg: Config, directory: str | None, *, to_spool: bool, now: float) -> Plan:
-    """Decide where frames go: a plain folder, or a session staged for the spool."""
+    """Decide where frames go: a plain folder, or a session of the spool."""
     if to_spool:
         name = Path(directory).name if directory else time.strftime("rec-%Y%m%dT%H%M%SZ", time.gmtime(now))
         return Plan(directory=Path(cfg.spool.dir) / "incoming" / name, spool=Path(cfg.spool.dir))
@@ -77,98 +79,97 @@ def plan(cfg: Config, directory: str | None, *, to_spool: bool, now: float) -> P
 
 @attrs.define
 class _Recording:
-    """What the writers and the signal watcher found; read once everything has stopped."""
+    """Where frames go, and what the writers and the signal watcher found; read once everything has stopped.
 
-    folder: Path
-    created: bool
+    In spool mode the session folder is made when the first frame comes (``claim``), so a
+    camera that delivers nothing leaves nothing behind.
+    """
+
+    name: str
+    folder: Path | None  # where frames are written; None in spool mode until the first frame
+    created: bool = False
+    spool: Spool | None = None
+    claim: Claim | None = None
+    opening: trio.Lock = attrs.field(factory=trio.Lock)
     written: int = 0
-    error: OutputError | None = None
+    error: CairedError | None = None
     stopped_by: signal.Signals | None = None  # the signal that stopped the capture early
+    stopped_from_preview: bool = False
 
     @property
     def interrupted(self) -> bool:
         return self.stopped_by is not None
-    stopped_from_preview: bool = False
+
+    async def folder_for(self) -> Path:
+        """The folder to write into; in spool mode the first call makes the session folder."""
+        async with self.opening:
+            if self.folder is None:
+                spool, name = self.spool, self.name
+                assert spool is not None
+                self.claim = await trio.to_thread.run_sync(lambda: spool.create_active(name, source="camera"))
+                self.folder = self.claim.path
+        return self.folder
 
 
-def _prepare(target: Plan) -> tuple[Path, bool]:
-    """Create the folder frames are written into; returns it and whether it was made here."""
+def _prepare(target: Plan) -> _Recording:
+    """Create the folder frames are written into, or open the spool and check the session's name."""
+    if target.spool is not None:
+        try:
+            check_name(target.name)
+        except ValueError as exc:
+            raise OutputError(f"{exc}; give the recording another name") from None
+        spool = Spool(target.spool)
+        try:
+            spool.prepare()  # SpoolError (exit 73) says what is wrong with the spool
+        except BaseException:
+            spool.close()
+            raise
+        return _Recording(name=target.name, folder=None, spool=spool)
     try:
-        if target.spool is None:
-            existed = target.directory.is_dir()
-            target.directory.mkdir(parents=True, exist_ok=True)
-            if existed and any(True for _ in os.scandir(target.directory)):
-                log.warning("record_dir_not_empty", dir=str(target.directory),
-                            hint="frames of this recording are added to what is there")
-            return target.directory, not existed
-        staging_root = target.spool / "tmp"  # beside incoming/, so publishing is one rename
-        staging_root.mkdir(parents=True, exist_ok=True)
-        (target.spool / "incoming").mkdir(exist_ok=True)
-        for n in itertools.count(1):
-            staging = staging_root / (target.name if n == 1 else f"{target.name}-{n}")
-            try:
-                staging.mkdir()
-            except FileExistsError:
-                continue
-            return staging, True
+        existed = target.directory.is_dir()
+        target.directory.mkdir(parents=True, exist_ok=True)
+        if existed and any(True for _ in os.scandir(target.directory)):
+            log.warning("record_dir_not_empty", dir=str(target.directory),
+                        hint="frames of this recording are added to what is there")
+        return _Recording(name=target.name, folder=target.directory, created=not existed)
     except OSError as exc:
         where = exc.filename or target.directory
         raise OutputError(f"cannot create {where}: {exc.strerror or exc}; choose another DIR or spool.dir") from None
-    raise AssertionError("unreachable")
 
 
 def write_frame(folder: Path, frame: CapturedFrame) -> None:
     """Write ``frame`` into ``folder`` as ``<timestamp>.png``; blocking, so run it in a worker thread.
 
-    The file appears whole: it is written under a hidden temporary name (``.tmp-<timestamp>.png``,
-    which frame listers ignore) and renamed; on any failure the temporary file is removed.
+    The file appears whole (fsops.write_bytes_atomic: a hidden temporary name, which frame
+    listers ignore, fsync, rename); on any failure the temporary file is removed.
     Raises OSError (OutputError when the frame cannot be encoded).
     """
     ok, data = cv2.imencode(".png", frame.image)
     if not ok:
         raise OutputError(f"frame {frame.timestamp} could not be encoded as PNG")
-    final = folder / f"{frame.timestamp}.png"
-    partial = folder / f".tmp-{frame.timestamp}.png"
+    fsops.write_bytes_atomic(folder / f"{frame.timestamp}.png", data.data)
+
+
+def _finish(recording: _Recording) -> Path | None:
+    """Hand a spool session over to incoming/, or tidy up; returns where the frames are, None when there are none."""
+    if recording.spool is None:
+        assert recording.folder is not None
+        if recording.written == 0:
+            if recording.created:
+                with suppress(OSError):
+                    recording.folder.rmdir()  # only if empty: nothing of anyone else's goes
+            return None
+        return recording.folder
     try:
-        with open(partial, "wb") as fh:
-            fh.write(data.tobytes())
-        os.replace(partial, final)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(partial)
-        raise
-
-
-def _publish(staging: Path, spool: Path, name: str) -> Path:
-    """Move a staged recording into <spool>/incoming/ in one rename; a taken name gets a suffix."""
-    incoming = spool / "incoming"
-    for n in itertools.count(1):
-        target = incoming / (name if n == 1 else f"{name}-{n}")
-        if target.exists():
-            continue
-        try:
-            os.rename(staging, target)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ENOTEMPTY:  # someone made the folder between the check and the rename
-                continue
-            raise OutputError(f"cannot move {staging} into {incoming}: {exc.strerror or exc}") from None
-        return target
-    raise AssertionError("unreachable")
-
-
-def _finish(recording: _Recording, target: Plan) -> Path | None:
-    """Publish or tidy up; returns where the frames are, None when there are none."""
-    folder = recording.folder
-    if recording.written == 0:
-        if recording.created:
-            with suppress(OSError):
-                folder.rmdir()  # only if empty: nothing of anyone else's goes
-        return None
-    if target.spool is None:
-        return folder
-    return _publish(folder, target.spool, target.name)
+        if recording.claim is None:
+            return None  # not one frame came: no session folder was made
+        if recording.written == 0:  # the first frames could not be written: filed with the reason
+            reason = str(recording.error) if recording.error is not None else "no frame was recorded"
+            recording.spool.fail(recording.claim, {"reason": reason, "source": "camera"})
+            return None
+        return recording.spool.handoff(recording.claim)  # marked .ready: the daemon takes it at once
+    finally:
+        recording.spool.close()
 
 
 async def _writer(
@@ -182,12 +183,13 @@ async def _writer(
             if preview is not None:
                 preview.offer(frame.image)
             try:
+                folder = await recording.folder_for()
                 # Not abandoned on cancel: a started write always ends renamed or removed.
-                await trio.to_thread.run_sync(write_frame, recording.folder, frame)
+                await trio.to_thread.run_sync(write_frame, folder, frame)
             except OSError as exc:
                 if recording.error is None:
                     recording.error = (
-                        exc if isinstance(exc, OutputError)
+                        exc if isinstance(exc, CairedError)
                         else OutputError(f"cannot write {exc.filename or recording.folder}: {exc.strerror or exc}")
                     )
                 stop_capture()
@@ -265,8 +267,7 @@ async def _watch_signals(stop_capture: Callable[[], None], stop_all: Callable[[]
 
 async def record(cfg: Config, target: Plan) -> int:
     """Record ``cfg.record.duration`` seconds into ``target``; returns the exit code."""
-    folder, created = await trio.to_thread.run_sync(_prepare, target)
-    recording = _Recording(folder=folder, created=created)
+    recording = await trio.to_thread.run_sync(_prepare, target)
     stats = CaptureStats()
     device_error: DeviceError | None = None
     capture_scope = trio.CancelScope()
@@ -296,7 +297,7 @@ async def record(cfg: Config, target: Plan) -> int:
             outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            where = await trio.to_thread.run_sync(_finish, recording, target)
+            where = await trio.to_thread.run_sync(_finish, recording)
     if device_error is not None and stats.captured == 0:
         raise device_error  # never opened, or not one frame: nothing to report but the reason
     _summary(recording, stats, where, partial=device_error is not None)

@@ -31,6 +31,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from caired import fsops
+
 Image = npt.NDArray[np.uint8]
 Floats = npt.NDArray[np.float32]
 
@@ -102,7 +104,7 @@ def synthesize(
 ) -> list[Path]:
     """Write the frames as ``<stem>.png`` in ``directory`` (created if missing); return their paths in order.
 
-    Each file appears whole: it is written under a hidden temporary name and renamed.
+    Each file appears whole: it is written under a hidden temporary name and renamed (fsops).
     Rendering and PNG encoding run on a small thread pool (numpy and cv2 release the GIL).
     """
     scene, stems = _prepare(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed, start=start)
@@ -143,14 +145,7 @@ def _write_frame(scene: _Scene, index: int, path: Path) -> None:
     ok, png = cv2.imencode(".png", scene.frame(index))
     if not ok:
         raise OSError(f"cv2 could not encode {path.name} as PNG")
-    tmp = path.with_name(f".{path.stem}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(png.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    fsops.write_bytes_atomic(path, png.data)
 
 
 def ppg_template(phase: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,15 +24,18 @@ import pytest
 import trio
 import trio.testing
 
-from caired import camera, cli, record
+from caired import camera, cli, fsops, record
 from caired.camera import CapturedFrame
-from tests.conftest import write_video
+from caired.settle import READY_MARKER
+from caired.spool import FOLDERS, LOCK_FILE, SESSION_FILE, Spool
+from tests.conftest import cli_env, write_video
 
 PNG = re.compile(r"^\d+\.\d+\.png$")
 ENV_NAMES = ("FPS", "DURATION_SEC", "CAMERA_INDEX", "IMAGES_DIR", "RES_WIDTH", "RES_HEIGHT", "SHOW_PREVIEW",
              "DISPLAY", "WAYLAND_DISPLAY")
 T0_TICKS: Final = 17471543800000000  # 1747154380.0000000 s in the 100 ns ticks of a frame's name
 TICKS_PER_SECOND: Final = 10_000_000
+SESSION_FILES: Final = frozenset({LOCK_FILE, SESSION_FILE, READY_MARKER})  # a spool session's own files
 
 
 class FakeCapture:
@@ -103,9 +108,15 @@ def events(out: str, name: str) -> list[dict[str, Any]]:
 
 
 def pngs(folder: Path) -> list[str]:
-    names = sorted(os.listdir(folder), key=lambda name: float(name.removesuffix(".png")))
+    """The frames in ``folder``, in order; nothing else is there but a spool session's own files."""
+    names = sorted((n for n in os.listdir(folder) if n not in SESSION_FILES), key=lambda n: float(n[:-4]))
     assert all(PNG.match(name) for name in names), names  # nothing else: no temporary files
     return names
+
+
+def spool_sessions(spool: Path) -> dict[str, list[str]]:
+    """What each spool folder (incoming/, active/, ... tmp/) holds, for those that hold something."""
+    return {where: names for where in FOLDERS if (names := sorted(os.listdir(spool / where)))}
 
 
 def ticks(name: str) -> int:
@@ -206,14 +217,17 @@ def test_to_spool_publishes_exactly_one_folder(
     spool = tmp_path / "spool"
     monkeypatch.setenv("CAIRED_SPOOL_DIR", str(spool))
     assert run("--to-spool", "--camera", str(video), "--fps", "20", "--duration", "0.5", "--no-preview") == 0
-    [session] = list((spool / "incoming").iterdir())
-    assert re.fullmatch(r"rec-\d{8}T\d{6}Z", session.name)
+    [name] = spool_sessions(spool)["incoming"]
+    session = spool / "incoming" / name
+    assert re.fullmatch(r"rec-\d{8}T\d{6}Z", name)
     assert len(pngs(session)) == 10
-    assert list((spool / "tmp").iterdir()) == []
+    assert (session / READY_MARKER).exists()  # complete: the daemon takes it without waiting for it to settle
+    assert json.loads((session / SESSION_FILE).read_text())["source"] == "camera"
+    assert spool_sessions(spool) == {"incoming": [name]}
     assert events(capsys.readouterr().out, "record_finished")[0]["dir"] == str(session)
 
 
-def test_dir_inside_incoming_is_staged_then_moved_in_one_piece(
+def test_dir_inside_incoming_is_recorded_as_a_locked_session_then_handed_over_in_one_piece(
     run: Run, video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written_in: set[Path] = set()
@@ -222,33 +236,63 @@ def test_dir_inside_incoming_is_staged_then_moved_in_one_piece(
 
     def spy(folder: Path, frame: CapturedFrame) -> None:
         assert not (spool / "incoming" / published_as[0]).exists()  # nothing shows in incoming/ while recording
+        with fsops.opened_dir(folder) as dir_fd:
+            assert fsops.lock_is_held(dir_fd, LOCK_FILE)  # held by this recording, as the spool's convention has it
+        assert daemon.recover() == []  # so a daemon on the spool leaves it alone
         written_in.add(folder)
         real_write(folder, frame)
 
     monkeypatch.setattr(record, "write_frame", spy)
     spool = tmp_path / "spool"
+    daemon = Spool(spool)
     target = spool / "incoming" / "walk"
-    for name in ("walk", "walk-2"):  # the second finds its name taken
+    for name in ("walk", "walk.1"):  # the second finds its name taken: the spool's suffix rule
         published_as[0] = name
         assert run(str(target), "--camera", str(video), "--fps", "20", "--duration", "0.3", "--no-preview") == 0
-    assert written_in == {spool / "tmp" / "walk"}
-    assert sorted(p.name for p in (spool / "incoming").iterdir()) == ["walk", "walk-2"]
-    assert len(pngs(spool / "incoming" / "walk")) == len(pngs(spool / "incoming" / "walk-2")) == 6
-    assert list((spool / "tmp").iterdir()) == []
+    assert written_in == {spool / "active" / "walk"}
+    assert spool_sessions(spool) == {"incoming": ["walk", "walk.1"]}
+    assert len(pngs(spool / "incoming" / "walk")) == len(pngs(spool / "incoming" / "walk.1")) == 6
+    daemon.close()
 
 
+def test_what_a_killed_recording_leaves_is_recovered_by_the_daemon(video: Path, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    argv = [sys.executable, "-m", "caired", "record", str(spool / "incoming" / "cut"), "--camera", str(video),
+            "--fps", "20", "--duration", "30", "--no-preview", "--log-format", "json"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, env=cli_env()) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the session folder exists: the first frame is in hand
+            if json.loads(line)["event"] == "folder_created":
+                break
+        proc.kill()
+    assert spool_sessions(spool) == {"active": ["cut"]}
+    daemon = Spool(spool)
+    try:
+        daemon.prepare()
+        assert daemon.recover() == ["cut"]  # its lock went with its process
+    finally:
+        daemon.close()
+    assert spool_sessions(spool) == {"incoming": ["cut"]}
+    assert (spool / "incoming" / "cut" / READY_MARKER).exists()
+    pngs(spool / "incoming" / "cut")  # whatever frames were written are whole
+
+
+@pytest.mark.parametrize("into_spool", [False, True], ids=["folder", "spool"])
 @pytest.mark.parametrize(("device", "message"), [("9", "camera 9 could not be opened"),
                                                    ("missing.avi", "video file {dir}/missing.avi does not exist")])
 def test_camera_that_cannot_be_opened_exits_74_with_one_line(
-    run: Run, tmp_path: Path, capfd: pytest.CaptureFixture[str], device: str, message: str
+    run: Run, tmp_path: Path, capfd: pytest.CaptureFixture[str], device: str, message: str, into_spool: bool
 ) -> None:
-    out = tmp_path / "out"
+    spool = tmp_path / "spool"
+    out = spool / "incoming" / "out" if into_spool else tmp_path / "out"
     assert run(str(out), "--camera", str(tmp_path / device) if device.endswith(".avi") else device) == 74
     err = capfd.readouterr().err
     assert len(err.splitlines()) == 1, err  # OpenCV's own warnings are silenced too
     assert err.startswith("caired record: " + message.format(dir=tmp_path))
     assert "Traceback" not in err
     assert not out.exists()  # the folder made for it is removed again, empty
+    if into_spool:
+        assert spool_sessions(spool) == {}  # no session folder is made before a frame comes
 
 
 @pytest.mark.parametrize("into_spool", [False, True], ids=["folder", "spool"])
@@ -354,25 +398,25 @@ def test_writer_falling_behind_drops_frames_and_says_so(
 
 def test_a_frame_file_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     frame = CapturedFrame(timestamp="1747154380.5511632", image=np.full((48, 64, 3), 7, np.uint8))
-    final = tmp_path / "1747154380.5511632.png"
+    final = "1747154380.5511632.png"
     real_replace = os.replace
 
-    def check_then_replace(src: str | Path, dst: str | Path) -> None:
-        assert Path(dst) == final and not final.exists()  # the real name appears only by the rename
-        assert Path(src).name.startswith(".tmp-")
-        staged = cv2.imread(str(src))
+    def check_then_replace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+        assert dst == final and not (tmp_path / final).exists()  # the real name appears only by the rename
+        assert src.startswith(".") and src_dir_fd == dst_dir_fd  # hidden, in the same folder
+        staged = cv2.imread(str(tmp_path / src))
         assert staged is not None and (staged == 7).all()  # complete before it is renamed
-        real_replace(src, dst)
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     monkeypatch.setattr(os, "replace", check_then_replace)
     record.write_frame(tmp_path, frame)
-    assert os.listdir(tmp_path) == [final.name]
+    assert os.listdir(tmp_path) == [final]
 
-    def failing_replace(src: str | Path, dst: str | Path) -> None:
+    def failing_replace(src: str, dst: str, **_: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    final.unlink()
+    (tmp_path / final).unlink()
     with pytest.raises(OSError, match="No space left"):
         record.write_frame(tmp_path, frame)
     assert os.listdir(tmp_path) == []  # no temporary file left behind

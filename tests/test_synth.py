@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pytest
 
-from caired import synth
 from caired.cli import main
 from caired.commands import synth as synth_command
 from caired.config import Config
@@ -118,17 +117,17 @@ def test_synthesize_renames_each_file_into_place(tmp_path: Path, monkeypatch: py
     moves: list[tuple[str, str]] = []
     real_replace = os.replace
 
-    def spy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        assert Path(src).stat().st_size > 0  # complete before it is renamed
-        moves.append((os.fspath(src), os.fspath(dst)))
-        real_replace(src, dst)
+    def spy(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+        assert os.stat(src, dir_fd=src_dir_fd).st_size > 0  # complete before it is renamed
+        assert src_dir_fd == dst_dir_fd  # same folder, so the rename is atomic
+        moves.append((src, dst))
+        real_replace(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
-    monkeypatch.setattr(synth.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     paths = synthesize(tmp_path, seconds=0.2, fps=20, width=32, height=32, seed=1, start=START)
-    assert sorted(dst for _, dst in moves) == sorted(map(str, paths))
-    for src, dst in moves:
-        assert Path(src).parent == Path(dst).parent  # same folder, so the rename is atomic
-        assert Path(src).name.startswith(".") and not src.endswith(".png")  # a watcher skips it
+    assert sorted(dst for _, dst in moves) == sorted(p.name for p in paths)
+    for src, _ in moves:
+        assert src.startswith(".") and not src.endswith(".png")  # a watcher skips it
 
 
 def test_a_webcam_sized_frame_is_webcam_sized_on_disk(tmp_path: Path) -> None:

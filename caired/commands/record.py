@@ -25,10 +25,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             Capture frames from a camera, or a video file standing in for one, into DIR as
             <UNIX seconds>.png files, each written whole under a temporary name and renamed, so
             'caired stream' can send the folder as it is. With --to-spool, or a DIR inside a spool's
-            incoming/ folder, the recording is staged beside incoming/ and moved in with one rename
-            when it ends, for the daemon to stream. Ctrl-C (or SIGTERM) stops the capture and keeps
-            the frames in hand, exiting 130 (143); a second Ctrl-C stops at once. A camera that
-            cannot be opened, or stops delivering frames, exits 74.
+            incoming/ folder, the recording is a session of the spool, held in active/ while it is
+            written and handed to incoming/ (as NAME.1 if NAME is taken) when it ends, for the daemon
+            to stream; if the recording dies, the daemon recovers what it wrote. Ctrl-C (or
+            SIGTERM) stops the capture and keeps the frames in hand, exiting 130 (143); a second
+            Ctrl-C stops at once. A camera that cannot be opened, or stops delivering frames,
+            exits 74.
         """,
         examples=[
             "caired record --camera 0 --duration 30 --fps 30 sessions/alice",
@@ -46,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--height", dest="camera.height", type=int, metavar="PX", help="capture height (RES_HEIGHT)")
     add_bool(p, "preview", "record.preview", "show a preview window where a display exists; q stops (SHOW_PREVIEW)")
     p.add_argument("--to-spool", action="store_true",
-                   help="record into the spool (spool.dir): staged beside incoming/, moved into it at the end")
+                   help="record into the spool (spool.dir): held in active/, handed to incoming/ at the end")
     add_common(p)
 
 
