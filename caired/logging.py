@@ -155,6 +155,19 @@ def reopen() -> None:
         _sink.reopen()
 
 
+def console_write(out: TextIO, text: str) -> None:
+    """Write ``text`` to ``out`` under the lock log lines are written under, so a line logged
+    from a worker thread never lands in the middle of it (the progress line's redraw)."""
+    lock = _sink._lock if _sink is not None else None
+    if lock is None:
+        out.write(text)
+        out.flush()
+        return
+    with lock:
+        out.write(text)
+        out.flush()
+
+
 def set_before_console_line(hook: Callable[[], None] | None) -> None:
     """Called before each console line (the progress line clears itself there)."""
     if _sink is not None:

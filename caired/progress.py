@@ -39,14 +39,13 @@ async def progress_line(line: Callable[[float], str], *, out: TextIO | None = No
         yield
         return
 
-    def clear() -> None:
+    def clear() -> None:  # called by the log sink, under its lock
         out.write(CLEAR)
         out.flush()
 
     async def draw() -> None:
         while True:
-            out.write(CLEAR + line(trio.current_time()))
-            out.flush()
+            clog.console_write(out, CLEAR + line(trio.current_time()))
             await trio.sleep(REDRAW)
 
     clog.set_before_console_line(clear)

@@ -106,7 +106,7 @@ class _Recording:
             if self.folder is None:
                 spool, name = self.spool, self.name
                 assert spool is not None
-                self.claim = await trio.to_thread.run_sync(lambda: spool.create_active(name, source="camera"))
+                self.claim = await trio.to_thread.run_sync(lambda: spool.create_active(name, source="record"))
                 self.folder = self.claim.path
         return self.folder
 

@@ -144,7 +144,7 @@ INVALID_SESSION_FILE: Final = ".caired-session.invalid.json"
 LOCK_FILE: Final = ".caired-lock"  # its OFD lock says which process owns the folder
 INVALID_LOCK_FILE: Final = ".caired-lock.invalid"
 FOLDERS: Final = ("incoming", "active", "done", "failed", "tmp")
-SOURCES: Final = frozenset({"drop", "camera"})
+SOURCES: Final = frozenset({"drop", "camera", "record"})
 MOUNTINFO: Final = Path("/proc/self/mountinfo")
 
 CONTROL_FILE_CAP: Final = 64 * 1024  # bytes a session, result or error file may have

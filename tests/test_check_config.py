@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name, raising=False)
     for name in ("CAIRED_CONFIG", "CREDENTIALS_DIRECTORY", "NO_COLOR"):
         monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith("CAIRED_")]:  # a stray one would print a typo warning
+        monkeypatch.delenv(name)
 
 
 def write_config(tmp_path: Path, body: str, *, mode: int = 0o600) -> Path:

@@ -222,7 +222,7 @@ def test_to_spool_publishes_exactly_one_folder(
     assert re.fullmatch(r"rec-\d{8}T\d{6}Z", name)
     assert len(pngs(session)) == 10
     assert (session / READY_MARKER).exists()  # complete: the daemon takes it without waiting for it to settle
-    assert json.loads((session / SESSION_FILE).read_text())["source"] == "camera"
+    assert json.loads((session / SESSION_FILE).read_text())["source"] == "record"
     assert spool_sessions(spool) == {"incoming": [name]}
     assert events(capsys.readouterr().out, "record_finished")[0]["dir"] == str(session)
 
