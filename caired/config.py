@@ -33,6 +33,8 @@ CREDENTIAL_NAME: Final = "api_key"
 # The documented CAIRED_ variables that are not a key's environment name.
 NON_KEY_VARIABLES: Final = frozenset({"CAIRED_CONFIG"})
 ENV_PREFIX: Final = "CAIRED_"
+# The most pixels stream.max_frame_pixels may allow; also OpenCV's own limit (see caired.frames).
+DECODER_PIXEL_LIMIT: Final = 1 << 28
 
 
 class Secret(str):
@@ -166,6 +168,16 @@ class StreamConfig:
         default=1,
         validator=_between(0, 256),
         metadata=_meta("frames encoded before the first is sent", "PREFILL_QUEUE"),
+    )
+    max_frame_bytes: int = attrs.field(
+        default=32 * 1024 * 1024,
+        validator=_between(64, 1 << 30),
+        metadata=_meta("largest frame file read, in bytes; a larger one is skipped"),
+    )
+    max_frame_pixels: int = attrs.field(
+        default=16_000_000,
+        validator=_between(1, DECODER_PIXEL_LIMIT),
+        metadata=_meta("largest frame in pixels (width x height, read from the PNG header before decoding)"),
     )
 
     def __attrs_post_init__(self) -> None:

@@ -1,20 +1,35 @@
 """Frames: listing a folder, ordering, reading, encoding; and the bounded encode pipeline.
 
+A folder is held by its descriptor (``FrameFolder``): its frames are listed from that
+descriptor with names as bytes, and each frame is opened relative to it with
+``O_NOFOLLOW | O_NONBLOCK`` (``O_NOFOLLOW`` only where symbolic links are refused),
+checked with ``fstat`` to be a regular file, and read up to ``max_frame_bytes``. Before
+any decoder sees a frame, its PNG header (IHDR) is checked and its width x height held
+against ``max_frame_pixels``. A FIFO, a device, a folder, a link where links are refused,
+an oversized or unreadable file, or a header that lies: each becomes that frame's
+FrameError, and so does any exception a decoder or encoder raises. Nothing a file holds
+leaves the pipeline as anything else.
+
 The per-frame functions are pure and thread-safe: PNG decoding, JPEG encoding and
 base64 run in worker threads (cv2 releases the GIL), so both cores work
 while the event loop only sends. Raw mode never decodes an image: it checks the PNG
-signature and trailer and sends the file's bytes untouched.
+header and trailer and sends the file's bytes untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
+import stat
+import struct
+import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
+from types import TracebackType
 from typing import Final, Literal, TypeVar
 
 import attrs
@@ -23,11 +38,27 @@ import pybase64
 import trio
 
 from caired._trio import open_nursery
+from caired.config import DECODER_PIXEL_LIMIT, StreamConfig
 from caired.errors import FrameError, NoFramesError
 
-FRAME_NAME: Final = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\.png\Z", re.IGNORECASE)
+# A second line behind the IHDR check: OpenCV refuses to decode an image of more pixels
+# than this environment variable says (its default is 2**30). OpenCV reads it once, when
+# cv2 is first imported, which in caired comes after this module; a value already in the
+# environment is kept.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DECODER_PIXEL_LIMIT))
+
+FRAME_NAME: Final = re.compile(rb"^([0-9]+(?:\.[0-9]+)?)\.png\Z", re.IGNORECASE)
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 PNG_TRAILER: Final = b"IEND\xaeB`\x82"
+IHDR_END: Final = 33  # signature 8, length 4, type 4, IHDR data 13, CRC 4
+_IHDR: Final = struct.Struct(">8sI4sIIBBBBBI")
+_PNG_MAX_SIDE: Final = 2**31 - 1
+_BIT_DEPTHS: Final = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+_READ_MORE: Final = 1024 * 1024  # after a short first read (a file that grew), read on in pieces this big
+IGNORED_EXAMPLES: Final = 3  # names of ignored files shown in the log
+
+_OPEN_FOLDER: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_FRAME: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 Format = Literal["jpeg", "raw"]
 T = TypeVar("T")
@@ -50,18 +81,43 @@ def encode_workers() -> int:
     return cpus + 1
 
 
+def shown(name: bytes | str | os.PathLike[str]) -> str:
+    """A file or folder name for a log line or a message: undecodable bytes as ``\\xNN``."""
+    raw = name if isinstance(name, bytes) else os.fsencode(name)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@attrs.frozen(kw_only=True)
+class FrameLimits:
+    """What one frame may cost: bytes read from disk, pixels handed to a decoder."""
+
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 16_000_000
+
+    @classmethod
+    def from_config(cls, stream: StreamConfig) -> FrameLimits:
+        return cls(max_bytes=stream.max_frame_bytes, max_pixels=stream.max_frame_pixels)
+
+
 @attrs.frozen
 class FrameRef:
-    """A frame file; ``timestamp`` is its stem, character for character."""
+    """A frame file: its name in its folder (ASCII by construction) and its stem, character for character."""
 
-    path: Path
+    name: str
     timestamp: str
+    directory: Path = attrs.field(default=Path(), eq=False)
+
+    @property
+    def path(self) -> Path:
+        """For display and tests; frames are read relative to their folder's descriptor, never by this path."""
+        return self.directory / self.name
 
 
 @attrs.frozen
 class Listing:
     frames: tuple[FrameRef, ...]
-    ignored: int  # files in the folder that are not <number>.png
+    ignored: int  # files in the folder that are not <number>.png (hidden ones aside)
+    examples: tuple[str, ...] = ()  # a few of the ignored names, shown escaped
 
 
 @attrs.frozen
@@ -72,72 +128,290 @@ class EncodedFrame:
     data: bytes
 
 
-def list_frames(directory: Path) -> Listing:
-    """The folder's ``<number>.png`` frames in ascending numeric order of their stems."""
-    try:
-        entries = list(directory.iterdir())
-    except FileNotFoundError:
-        raise NoFramesError(f"{directory}: no such folder") from None
-    except NotADirectoryError:
-        raise NoFramesError(f"{directory}: not a folder") from None
-    except PermissionError:
-        raise NoFramesError(f"{directory}: cannot be read (permission denied)") from None
+def frame_stem(name: bytes) -> str | None:
+    """The timestamp a file name carries (``1747154380.5511632.png`` -> ``"1747154380.5511632"``), or None."""
+    match = FRAME_NAME.match(name)
+    return match.group(1).decode("ascii") if match is not None else None
+
+
+def sort_frames(names: Iterable[bytes], directory: Path = Path()) -> Listing:
+    """The ``<number>.png`` names among ``names``, in ascending numeric order of their stems.
+
+    Any other name (not UTF-8, not a frame name) is counted as ignored, unless it is
+    hidden: names starting with '.' are caired's own markers and state.
+    """
     frames: list[tuple[Decimal, FrameRef]] = []
     ignored = 0
-    for entry in entries:
-        match = FRAME_NAME.match(entry.name)
-        if match is None:
-            if not entry.name.startswith("."):  # hidden files (markers, state) are ours
+    examples: list[str] = []
+    for name in names:
+        stem = frame_stem(name)
+        if stem is None:
+            if not name.startswith(b"."):
                 ignored += 1
+                if len(examples) < IGNORED_EXAMPLES:
+                    examples.append(shown(name))
             continue
-        stem = match.group(1)
-        frames.append((Decimal(stem), FrameRef(entry, stem)))
+        frames.append((Decimal(stem), FrameRef(name.decode("ascii"), stem, directory)))
     frames.sort(key=lambda pair: (pair[0], pair[1].timestamp))
-    return Listing(tuple(ref for _, ref in frames), ignored)
+    return Listing(tuple(ref for _, ref in frames), ignored, tuple(examples))
 
 
-def read_raw(ref: FrameRef) -> EncodedFrame:
-    """The PNG file's bytes, base64: checked for a PNG signature and trailer, never decoded."""
-    data = _read(ref)
-    if not data.startswith(PNG_SIGNATURE):
-        raise FrameError(ref.path.name, "not a PNG file")
+class FrameFolder:
+    """A folder of frames held open by its descriptor; every frame is opened relative to it.
+
+    ``follow_symlinks=False`` (the daemon's spool) refuses a link as the folder itself and
+    as any frame; ``True`` (a user's own folder, ``caired stream DIR``) follows them.
+    """
+
+    def __init__(self, path: Path, fd: int, *, follow_symlinks: bool) -> None:
+        self.path = path
+        self.follow_symlinks = follow_symlinks
+        self._fd = fd
+
+    @classmethod
+    def open(cls, path: Path, *, follow_symlinks: bool = True, dir_fd: int | None = None) -> FrameFolder:
+        """Open ``path`` (relative to ``dir_fd`` when given); NoFramesError says why it cannot be."""
+        flags = _OPEN_FOLDER if follow_symlinks else _OPEN_FOLDER | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, dir_fd=dir_fd)
+        except OSError as exc:
+            link = not follow_symlinks and exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(path, dir_fd)
+            problem = "is a symbolic link, which is not followed here" if link else _folder_problem(exc)
+            raise NoFramesError(f"{shown(path)}: {problem}") from None
+        return cls(path, fd, follow_symlinks=follow_symlinks)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def list(self) -> Listing:
+        """The folder's frames, listed from its descriptor (names as bytes)."""
+        if self.closed:
+            raise NoFramesError(f"{shown(self.path)}: the folder was closed")
+        try:
+            names = os.listdir(self._fd)  # str with surrogate escapes; fsencode gives back the bytes
+        except OSError as exc:
+            raise NoFramesError(f"{shown(self.path)}: cannot be listed: {exc.strerror or exc}") from None
+        return sort_frames((os.fsencode(name) for name in names), self.path)
+
+    def read(self, name: str, max_bytes: int) -> bytes:
+        """The frame file ``name``: a regular file of at most ``max_bytes``, else its FrameError."""
+        if self.closed:
+            raise FrameError(name, "cannot be read: the folder was closed")
+        return read_at(self._fd, name, max_bytes=max_bytes, follow_symlinks=self.follow_symlinks)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> FrameFolder:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _is_link(path: Path, dir_fd: int | None) -> bool:
+    """``O_NOFOLLOW | O_DIRECTORY`` on a link fails with ENOTDIR: tell that apart from a file."""
+    try:
+        return stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _folder_problem(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such folder"
+    if exc.errno == errno.ENOTDIR:
+        return "not a folder"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "cannot be read (permission denied)"
+    return f"cannot be opened: {exc.strerror or exc}"
+
+
+def read_at(dir_fd: int, name: str | bytes, *, max_bytes: int, follow_symlinks: bool) -> bytes:
+    """The regular file ``name`` in the folder ``dir_fd``, read whole if it has at most ``max_bytes``.
+
+    Opened with ``O_NONBLOCK`` (a FIFO does not hold the thread) and ``O_NOFOLLOW`` unless
+    links are followed; anything but a regular file, or a file over the cap, is refused
+    before a byte of it is read.
+    """
+    label = shown(name)
+    flags = _OPEN_FRAME if follow_symlinks else _OPEN_FRAME | os.O_NOFOLLOW
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise FrameError(label, "is a symbolic link, which is not followed here") from None
+        raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise FrameError(label, f"is {_file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > max_bytes:
+            raise FrameError(label, f"is {info.st_size} bytes, more than stream.max_frame_bytes ({max_bytes})")
+        try:
+            data = _read_capped(fd, info.st_size, max_bytes)
+        except OSError as exc:
+            raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
+        if data is None:
+            raise FrameError(label, f"grew past stream.max_frame_bytes ({max_bytes}) while it was read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _read_capped(fd: int, size: int, cap: int) -> bytes | None:
+    """What is left to read of ``fd``, if that is at most ``cap`` bytes; None if there is more.
+
+    Two reads for a file whose size ``fstat`` gave right: the whole of it, then the end.
+    A file that grows while it is read (or that ``fstat`` calls empty, like /proc's) is
+    read on in pieces, up to the cap and one byte beyond.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    want = min(size, cap) + 1
+    while chunk := os.read(fd, want):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            return None
+        want = min(_READ_MORE, cap + 1 - total)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a special file"
+
+
+def png_size(head: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's first 33 bytes (signature and IHDR); ValueError says what is wrong.
+
+    Checks what libpng would refuse anyway, before it allocates anything: the signature,
+    a first chunk that is a 13-byte IHDR with a right CRC, sides of 1 to 2**31-1 pixels,
+    a bit depth allowed for the colour type, and known compression, filter and interlace
+    methods.
+    """
+    if not head:
+        raise ValueError("is empty")
+    if not head.startswith(PNG_SIGNATURE):
+        if PNG_SIGNATURE.startswith(head):
+            raise ValueError("truncated PNG (no IHDR header)")
+        raise ValueError("not a PNG file")
+    if len(head) < IHDR_END:
+        raise ValueError("truncated PNG (no IHDR header)")
+    _, length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(head)
+    if length != 13 or kind != b"IHDR":
+        raise ValueError("malformed PNG: the first chunk is not a 13-byte IHDR")
+    if zlib.crc32(head[12:29]) != crc:
+        raise ValueError("malformed PNG: the IHDR checksum is wrong")
+    if not (0 < width <= _PNG_MAX_SIDE and 0 < height <= _PNG_MAX_SIDE):
+        raise ValueError(f"malformed PNG: the header says {width}x{height} pixels")
+    if depth not in _BIT_DEPTHS.get(colour, ()):
+        raise ValueError(f"malformed PNG: bit depth {depth} with colour type {colour}")
+    if compression != 0 or filtering != 0 or interlace > 1:
+        raise ValueError("malformed PNG: unknown compression, filter or interlace method")
+    return width, height
+
+
+def check_png(name: str, data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The PNG's size, if its header is sound and it has at most ``max_pixels``; else its FrameError."""
+    try:
+        width, height = png_size(data[:IHDR_END])
+    except ValueError as exc:
+        raise FrameError(name, str(exc)) from None
+    if width * height > max_pixels:
+        raise FrameError(name, f"is {width}x{height} pixels, more than stream.max_frame_pixels ({max_pixels})")
+    return width, height
+
+
+def read_raw(ref: FrameRef, folder: FrameFolder, limits: FrameLimits) -> EncodedFrame:
+    """The PNG file's bytes, base64: its header and trailer checked, never decoded."""
+    data = folder.read(ref.name, limits.max_bytes)
+    check_png(ref.name, data, limits.max_pixels)
     if not data.rstrip(b"\x00").endswith(PNG_TRAILER):
-        raise FrameError(ref.path.name, "truncated PNG (no IEND chunk)")
+        raise FrameError(ref.name, "truncated PNG (no IEND chunk)")
     return EncodedFrame(ref.timestamp, pybase64.b64encode(data))
 
 
-def read_jpeg(ref: FrameRef, quality: int) -> EncodedFrame:
-    """The frame decoded and re-encoded as JPEG at ``quality``, base64."""
+def read_jpeg(ref: FrameRef, folder: FrameFolder, quality: int, limits: FrameLimits) -> EncodedFrame:
+    """The frame decoded and re-encoded as JPEG at ``quality``, base64; its header checked first."""
     import cv2
 
-    data = _read(ref)
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    data = folder.read(ref.name, limits.max_bytes)
+    check_png(ref.name, data, limits.max_pixels)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except Exception as exc:  # cv2.error, MemoryError: this frame's problem, not the session's
+        raise FrameError(ref.name, f"cannot be decoded: {describe(exc)}") from None
     if image is None:
-        raise FrameError(ref.path.name, "cannot be decoded as an image")
-    return encode_image(image, ref.timestamp, quality, name=ref.path.name)
+        raise FrameError(ref.name, "cannot be decoded as an image")
+    return encode_image(image, ref.timestamp, quality, name=ref.name)
 
 
 def encode_image(image: np.ndarray, timestamp: str, quality: int, *, name: str = "") -> EncodedFrame:
     """A BGR image as a JPEG at ``quality``, base64."""
     import cv2
 
-    ok, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    try:
+        ok, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    except Exception as exc:
+        raise FrameError(name or timestamp, f"JPEG encoding failed: {describe(exc)}") from None
     if not ok:
         raise FrameError(name or timestamp, "JPEG encoding failed")
     return EncodedFrame(timestamp, pybase64.b64encode(buf.data))
 
 
-def encoder(fmt: Format, quality: int) -> Callable[[FrameRef], EncodedFrame]:
+def encoder(fmt: Format, quality: int, folder: FrameFolder, limits: FrameLimits) -> Callable[[FrameRef], EncodedFrame]:
+    """The function that turns one frame of ``folder`` into its ``frame_data``."""
     if fmt == "raw":
-        return read_raw
-    return lambda ref: read_jpeg(ref, quality)
+        return lambda ref: read_raw(ref, folder, limits)
+    return lambda ref: read_jpeg(ref, folder, quality, limits)
 
 
-def _read(ref: FrameRef) -> bytes:
-    try:
-        return ref.path.read_bytes()
-    except OSError as exc:
-        raise FrameError(ref.path.name, f"cannot be read: {exc.strerror or exc}") from None
+def describe(exc: BaseException) -> str:
+    """One short line for an exception: its type and the last line of its message (cv2's are long)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def list_frames(directory: Path, *, follow_symlinks: bool = True) -> Listing:
+    """The frames of ``directory``, listed from a descriptor opened and closed here."""
+    with FrameFolder.open(directory, follow_symlinks=follow_symlinks) as folder:
+        return folder.list()
+
+
+def _label(item: object) -> str:
+    """What a FrameError calls an item that raised: its name (a frame file) or its timestamp (a capture)."""
+    for attribute in ("name", "timestamp"):
+        value = getattr(item, attribute, None)
+        if isinstance(value, str):
+            return value
+    return type(item).__name__
 
 
 Result = EncodedFrame | FrameError
@@ -156,7 +430,8 @@ async def encode_pipeline(
 
     About ``depth`` results wait ahead of the consumer (at most ``depth`` + 2 ``batch``),
     so memory does not grow with the folder's length. A frame that cannot be encoded
-    arrives as its FrameError. Leaving the block cancels whatever is still in flight.
+    arrives as its FrameError, whatever ``encode`` raised for it. Leaving the block
+    cancels whatever is still in flight.
 
     ``batch`` items of a listing go to a worker thread together, for frames that cost
     less to encode than a thread hop (raw); items from an async source always go one by
@@ -174,6 +449,8 @@ async def encode_pipeline(
                 results.append(encode(item))
             except FrameError as exc:
                 results.append(exc)
+            except Exception as exc:  # one frame's problem, whatever its type: never the session's
+                results.append(FrameError(_label(item), f"cannot be encoded: {describe(exc)}"))
         return results
 
     async def work(group: list[T], out: trio.MemorySendChannel[list[Result]]) -> None:

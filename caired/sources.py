@@ -7,6 +7,7 @@ frames that could not be read reported (once per session) and skipped.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,18 @@ import trio
 
 from caired.config import Config
 from caired.errors import FrameError, NoFramesError, Retry, SessionError
-from caired.frames import RAW_BATCH, EncodedFrame, FrameRef, Result, encode_pipeline, encoder, list_frames
+from caired.frames import (
+    RAW_BATCH,
+    EncodedFrame,
+    FrameFolder,
+    FrameLimits,
+    FrameRef,
+    Listing,
+    Result,
+    encode_pipeline,
+    encoder,
+    shown,
+)
 
 log = structlog.get_logger()
 
@@ -51,7 +63,6 @@ class Feed:
         return None
 
 
-
 class FrameSource(Protocol):
     """Where a session's frames come from; ``open()`` starts one attempt's feed."""
 
@@ -63,32 +74,80 @@ class FrameSource(Protocol):
 
 @attrs.define
 class FolderSource:
-    """A folder of ``<timestamp>.png`` frames, listed once, re-read on every attempt."""
+    """A folder of ``<timestamp>.png`` frames, listed once, re-read on every attempt.
+
+    The folder is opened once, by ``prepare()``, and its descriptor kept until
+    ``aclose()``: every frame of every attempt is opened relative to it, so a folder
+    renamed or swapped for a link meanwhile changes nothing. Use it as ``async with
+    FolderSource(...) as source:``, which closes it. ``follow_symlinks=False`` (the
+    daemon's spool) refuses the folder or any frame that is a symbolic link;
+    ``dir_fd`` opens ``directory`` relative to a folder the caller holds.
+    """
 
     directory: Path
     cfg: Config
     limiter: trio.CapacityLimiter
+    follow_symlinks: bool = True
+    dir_fd: int | None = None
     frames: tuple[FrameRef, ...] = ()
     ignored: int = 0
     skipped: set[str] = attrs.field(factory=set)
+    _folder: FrameFolder | None = attrs.field(default=None, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     @property
     def total(self) -> int | None:
         return len(self.frames)
 
+    async def __aenter__(self) -> FolderSource:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def prepare(self) -> None:
-        """List the folder; NoFramesError when it is missing or has no frame file."""
-        listing = await trio.to_thread.run_sync(list_frames, self.directory)
+        """Open and list the folder; NoFramesError when it cannot be read or has no frame file.
+
+        The worker thread is let go on cancel (a folder on a hung mount cannot hold up a
+        shutdown); a descriptor it opens after that is closed by the thread itself.
+        """
+        listing = await trio.to_thread.run_sync(self._open_and_list, abandon_on_cancel=True)
         self.frames, self.ignored = listing.frames, listing.ignored
         if listing.ignored:
-            log.info("files_ignored", count=listing.ignored, reason="not named <timestamp>.png")
+            log.info("files_ignored", count=listing.ignored, examples=list(listing.examples),
+                     reason="not named <timestamp>.png")
         if not listing.frames:
-            raise NoFramesError(f"{self.directory}: no frames (expected files named like 1747154380.5511632.png)")
+            raise NoFramesError(
+                f"{shown(self.directory)}: no frames (expected files named like 1747154380.5511632.png)"
+            )
+
+    def _open_and_list(self) -> Listing:
+        with self._lock:
+            if self._folder is None and not self._closed:
+                self._folder = FrameFolder.open(self.directory, follow_symlinks=self.follow_symlinks,
+                                                dir_fd=self.dir_fd)
+            folder = self._folder
+        if folder is None:
+            raise NoFramesError(f"{shown(self.directory)}: the source was closed")
+        return folder.list()
+
+    async def aclose(self) -> None:
+        """Close the folder's descriptor; the source cannot be opened again. Idempotent."""
+        with self._lock:
+            self._closed = True
+            folder, self._folder = self._folder, None
+        if folder is not None:
+            folder.close()
+        await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[Feed]:
+        folder = self._folder
+        if folder is None:
+            raise NoFramesError(f"{shown(self.directory)}: not prepared, or already closed")
         stream_cfg = self.cfg.stream
-        encode = encoder(stream_cfg.format, stream_cfg.jpeg_quality)
+        encode = encoder(stream_cfg.format, stream_cfg.jpeg_quality, folder, FrameLimits.from_config(stream_cfg))
         batch = RAW_BATCH if stream_cfg.format == "raw" else 1
         async with encode_pipeline(
             self.frames, encode, depth=stream_cfg.send_queue, limiter=self.limiter, batch=batch

@@ -147,16 +147,16 @@ async def stream_folder(
 ) -> None:
     """One session of ``directory``'s frames; ``tally`` shows how far it got, also when it is cancelled."""
     limiter = trio.CapacityLimiter(encode_workers())
-    source = FolderSource(directory, cfg, limiter)
     datapt_id = datapt_id or new_datapt_id()
     tally = tally if tally is not None else Tally()
     with structlog.contextvars.bound_contextvars(source="cli", session=directory.name, datapt_id=datapt_id):
         try:
-            await source.prepare()
-            async with progress_line(lambda now: render(tally, now)):
-                gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
-                await deliver(source, cfg=cfg, gate=gate, name=directory.name, datapt_id=datapt_id,
-                              limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
+            async with FolderSource(directory, cfg, limiter) as source:  # a user's own folder: links are followed
+                await source.prepare()
+                async with progress_line(lambda now: render(tally, now)):
+                    gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
+                    await deliver(source, cfg=cfg, gate=gate, name=directory.name, datapt_id=datapt_id,
+                                  limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
         except trio.Cancelled:
             log.warning("session_cancelled", frames_sent=tally.sent, frames_total=tally.total)
             raise

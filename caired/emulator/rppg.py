@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from caired.frames import IHDR_END, PNG_SIGNATURE, png_size
+
 Floats = npt.NDArray[np.float64]
 RGB = tuple[float, float, float]
 
@@ -38,19 +40,32 @@ _TAPER_HZ: Final = 0.1  # width of the band-pass mask's cosine edges
 _SKIN_LOW: Final = np.array([50, 133, 77], dtype=np.uint8)
 _SKIN_HIGH: Final = np.array([255, 173, 127], dtype=np.uint8)
 _MIN_SKIN_FRACTION: Final = 0.05
+MAX_PIXELS: Final = 16_000_000  # larger PNGs are not decoded (caired's own default stream.max_frame_pixels)
 
 
 def frame_rgb(image: bytes) -> RGB | None:
     """Mean (R, G, B) of the skin in the frame's central region; None if the bytes do not decode.
 
+    A PNG whose header is malformed or claims more than ``MAX_PIXELS`` is not decoded.
+
     The region is the middle half of the width and 70% of the height, where a face sits
     in a webcam frame; within it, the pixels a YCrCb skin mask accepts, or all of it when
     fewer than 5% do. Pure and thread-safe.
     """
+    if image.startswith(PNG_SIGNATURE):
+        try:
+            width, height = png_size(image[:IHDR_END])
+        except ValueError:
+            return None
+        if width * height > MAX_PIXELS:
+            return None  # a decompression bomb from a client must not take the backend down
     data = np.frombuffer(image, dtype=np.uint8)
     if data.size == 0:
         return None
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:  # OpenCV's own size limit, or a codec that gave up
+        return None
     if bgr is None or bgr.size == 0:
         return None
     height, width = bgr.shape[:2]
