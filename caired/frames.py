@@ -24,6 +24,7 @@ import os
 import re
 import stat
 import struct
+import warnings
 import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -207,6 +208,11 @@ class FrameFolder:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:  # a folder nobody closed: do not leak its descriptor
+            warnings.warn(f"unclosed frame folder {shown(self.path)}", ResourceWarning, stacklevel=1)
+            self.close()
 
     def __enter__(self) -> FrameFolder:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import os
 import struct
 import subprocess
@@ -558,3 +559,13 @@ def test_any_body_behind_a_sound_header_decodes_or_is_a_frame_error(width: int, 
                     assert exc.name == "1.png" and exc.problem
                 else:
                     assert frame.timestamp == "1"
+
+
+def test_a_folder_nobody_closed_gives_its_descriptor_back_when_collected(frames: Callable[..., Path]) -> None:
+    folder = FrameFolder.open(frames(1))
+    fd = folder.fileno()
+    with pytest.warns(ResourceWarning, match="unclosed frame folder"):
+        del folder
+        gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
