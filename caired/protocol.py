@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 import uuid
 from typing import Any, Final, Literal
@@ -74,12 +75,29 @@ def redact_url(url: str) -> str:
     return re.sub(r"(?i)(api_key=)[^&#\s'\"]*", r"\g<1>" + REDACTED, url)
 
 
+MAX_DEPTH: Final = 64  # arrays and objects nested deeper than this are not parsed
+LOG_WHOLE: Final = 1024 * 1024  # a text answer up to this many characters is parsed and logged whole
+LOG_PREFIX: Final = 1024  # what the log keeps of a longer one
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+AnswerKind = Literal["json", "text", "binary", "invalid"]
+
+
 @attrs.frozen
 class Answer:
-    """One server message as received: JSON (a dict), other text, or binary (its length)."""
+    """One server message as received: JSON, other text, binary (its length), or invalid.
 
-    kind: Literal["json", "text", "binary"]
+    ``invalid`` is a text message caired refuses to parse: longer than ``LOG_WHOLE``
+    characters, nested deeper than ``MAX_DEPTH``, or not encodable as UTF-8; ``body``
+    is then its text (its first ``LOG_PREFIX`` characters when it is too long) and
+    ``reason`` says why. ``size`` is the message's length in characters (bytes when
+    binary).
+    """
+
+    kind: AnswerKind
     body: Any
+    size: int = 0
+    reason: str | None = None
 
     @property
     def state(self) -> str | None:
@@ -90,32 +108,115 @@ class Answer:
 
     @property
     def hr(self) -> float | None:
-        """The heart rate, or None while the model warms up (missing, null or -1)."""
+        """The heart rate, or None while the model warms up (missing, null or -1) or when it is no number."""
         if self.kind != "json" or not isinstance(self.body, dict):
             return None
         inference = self.body.get("inference")
         if not isinstance(inference, dict):
             return None
         hr = inference.get("hr")
-        if isinstance(hr, bool) or not isinstance(hr, int | float) or hr < 0:
+        if isinstance(hr, bool) or not isinstance(hr, int | float):
             return None
-        return float(hr)
+        try:
+            value = float(hr)
+        except OverflowError:  # an integer past a double's range
+            return None
+        if not math.isfinite(value) or value < 0:
+            return None
+        return value
 
     def for_log(self) -> Any:
-        """What goes under ``response`` in the log: the whole message, unfiltered."""
+        """What goes under ``response`` in the log: the whole message, unfiltered, when within bounds.
+
+        A binary message is its length; an invalid one its reason, length and text (the
+        first ``LOG_PREFIX`` characters of one too long to keep).
+        """
         if self.kind == "binary":
             return {"binary_bytes": self.body}
+        if self.kind == "invalid":
+            return {"invalid": self.reason, "chars": self.size, "text": self.body}
         return self.body
 
 
 def parse_answer(message: str | bytes) -> Answer:
-    if isinstance(message, bytes | bytearray):
-        return Answer("binary", len(message))
+    """The answer a server message makes; never raises, whatever the message holds."""
     try:
-        body = json.loads(message)
-    except ValueError:
-        return Answer("text", message)
-    return Answer("json", body)
+        return _parse(message)
+    except Exception as exc:  # a message caired cannot read is recorded, never the end of an attempt
+        size = len(message) if isinstance(message, str | bytes | bytearray) else 0
+        return Answer("invalid", "", size=size, reason=f"unreadable: {type(exc).__name__}")
+
+
+def _parse(message: str | bytes) -> Answer:
+    if isinstance(message, bytes | bytearray | memoryview):
+        return Answer("binary", len(message), size=len(message))
+    size = len(message)
+    if size > LOG_WHOLE:
+        return Answer("invalid", message[:LOG_PREFIX], size=size,
+                      reason=f"{size} characters, more than the {LOG_WHOLE} kept whole; the first {LOG_PREFIX} shown")
+    if not message.isascii() and not _utf8(message):
+        return Answer("invalid", message.encode("utf-8", "backslashreplace").decode("utf-8"), size=size,
+                      reason="not valid UTF-8 (lone surrogates, shown escaped)")
+    deep = Answer("invalid", message, size=size, reason=f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        body = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        return deep
+    except ValueError:  # not JSON (or a number past what Python reads)
+        return Answer("text", message, size=size)
+    if message.count("[") + message.count("{") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        return deep
+    if "\\u" in message and _SURROGATE_ESCAPE.search(message):
+        body = _escape_surrogates(body)  # "\ud800" parses to a string no UTF-8 log line can hold
+    return Answer("json", body, size=size)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity, -Infinity: Python's extension, not JSON
+
+
+def _finite_float(text: str) -> float | str:
+    """A JSON number as a float; one past a double's range stays the text it was (no inf in the log)."""
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value``, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _escape_surrogates(value: Any) -> Any:
+    """``value`` with each string a UTF-8 log line can hold: lone surrogates as ``\\udXXX``."""
+    if isinstance(value, str):
+        return value if _utf8(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list):
+        return [_escape_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_escape_surrogates(key): _escape_surrogates(item) for key, item in value.items()}
+    return value
 
 
 class CloseKind(enum.Enum):
