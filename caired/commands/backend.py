@@ -43,11 +43,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="drop the connection after N frames (no close frame)")
     faults.add_argument("--drop-times", type=int, default=1, metavar="N", help="... on the first N connections")
     faults.add_argument("--close-after", type=int, default=0, metavar="N", help="close after N frames ...")
-    faults.add_argument("--close-code", type=int, default=1011, metavar="CODE", help="... with this code")
+    faults.add_argument("--close-code", type=_close_code, default=1011, metavar="CODE",
+                        help="... with this code (1009: message too big; 4000-4999: the application's own)")
     faults.add_argument("--withhold-finished", type=int, default=0, metavar="N",
                         help="never answer 'finished' to the first N sessions")
     faults.add_argument("--garbage-every", type=int, default=0, metavar="N",
                         help="send a non-JSON and a binary message every N frames")
+    faults.add_argument("--binary-every", type=int, default=0, metavar="N", help="send a binary message every N frames")
+    faults.add_argument("--finished-twice", action="store_true", help="send 'finished' twice before closing")
+    faults.add_argument("--deep-nesting", type=int, default=0, metavar="N",
+                        help="send a message nested N arrays deep (after --hostile-after frames)")
+    faults.add_argument("--huge-message", type=int, default=0, metavar="BYTES", help="send a message of BYTES bytes")
+    faults.add_argument("--flood", type=int, default=0, metavar="N", help="send N 'ok' messages in one burst")
+    faults.add_argument("--invalid-utf8", action="store_true", help="send a text message that is not UTF-8")
+    faults.add_argument("--hostile-after", type=int, default=1, metavar="N",
+                        help="the four messages above go out after N frames ...")
+    faults.add_argument("--hostile-times", type=int, default=1, metavar="N", help="... on the first N connections")
     add_common(p)
 
 
@@ -67,7 +78,26 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
             close_code=args.close_code,
             withhold_finished=args.withhold_finished,
             garbage_every=args.garbage_every,
+            binary_every=args.binary_every,
+            finished_twice=args.finished_twice,
+            deep_nesting=args.deep_nesting,
+            huge_message=args.huge_message,
+            flood=args.flood,
+            invalid_utf8=args.invalid_utf8,
+            hostile_after=args.hostile_after,
+            hostile_times=args.hostile_times,
         ),
     )
     trio.run(lambda: serve_backend(options, host=args.host, port=args.port))
     return 0
+
+
+def _close_code(text: str) -> int:
+    """A code a close frame may carry (RFC 6455 7.4): 1000-1003, 1007-1014, 3000-4999."""
+    try:
+        code = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a close code: {text!r}") from None
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        raise argparse.ArgumentTypeError(f"{code} cannot be sent in a close frame (1000-1003, 1007-1014, 3000-4999)")
+    return code

@@ -38,6 +38,7 @@ RECEIVE_BUFFER: Final = 1024 * 1024  # trio-websocket reads 4 KiB at a time by d
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 CONSTANT_HR: Final = 72
+FIN_TEXT: Final = 0x81  # a final text frame, as a server writes it (no mask)
 VIOLATION: Final = 1007  # "invalid frame payload data": the message breaks the protocol
 # The light parser's view of a message, with or without spaces after ':' (json.dumps and orjson alike)
 _LIGHT_STATE: Final = re.compile(r'"state":\s*"(\w+)"')
@@ -61,6 +62,16 @@ class Faults:
     stall: bool = False  # accept, then never read again (a half-open peer)
     slow: float = 0.0  # seconds spent on every frame (a backend that cannot keep up)
     accept_delay: float = 0.0  # seconds before a handshake is answered (a backend slow to take a session)
+    # A hostile backend: the messages below go out once, after `hostile_after` frames, on the first
+    # `hostile_times` connections (binary_every and finished_twice on every connection).
+    hostile_after: int = 1
+    hostile_times: int = 1
+    deep_nesting: int = 0  # an 'ok' message with a value nested this many arrays deep
+    huge_message: int = 0  # an 'ok' message padded to about this many bytes
+    flood: int = 0  # this many 'ok' messages in one burst
+    invalid_utf8: bool = False  # a text frame whose payload is not UTF-8 (written raw: wsproto refuses to)
+    binary_every: int = 0  # a binary message every N frames
+    finished_twice: bool = False  # 'finished' sent twice before the close
 
 
 @attrs.frozen(kw_only=True)
@@ -98,6 +109,7 @@ class SessionSeen:
     close_code: int | None = None
     finished: bool = False
     hr: float | None = None
+    hostile: list[str] = attrs.field(factory=list)  # the hostile messages sent, by Faults name
 
 
 @attrs.define
@@ -231,6 +243,9 @@ async def _serve_session(
             seen.hr = hr
             await ws.send_message(json.dumps(answer))
             seen.answers.append(answer)
+            if faults.finished_twice:
+                await ws.send_message(json.dumps(answer))
+                seen.hostile.append("finished_twice")
             seen.finished = True
             seen.close_code = 1000
             await ws.aclose(1000)
@@ -255,6 +270,11 @@ async def _serve_session(
         if faults.garbage_every and count % faults.garbage_every == 0:
             await ws.send_message("this is not JSON {")
             await ws.send_message(b"\x00\x01binary\xff")
+        if faults.binary_every and count % faults.binary_every == 0:
+            await ws.send_message(bytes(range(256)))
+            seen.hostile.append("binary_every")
+        if count == faults.hostile_after and index <= faults.hostile_times:
+            await _misbehave(ws, seen, options)
         if options.ok_every and count % options.ok_every == 0:
             hr, advanced = await _progress(estimator, limiter, seen)
             answer = _answer("ok", seen, options, hr=hr, advanced=advanced)
@@ -373,6 +393,34 @@ def _answer(
         "feedback": None,
         "model_version": options.model_version,
     }
+
+
+async def _misbehave(ws: trio_websocket.WebSocketConnection, seen: SessionSeen, options: BackendOptions) -> None:
+    """The one-shot hostile messages ``options.faults`` asks for."""
+    faults = options.faults
+    ok = _answer("ok", seen, options, hr=-1, advanced=None)
+    if faults.deep_nesting:
+        depth = faults.deep_nesting
+        await ws.send_message(json.dumps(ok)[:-1] + ', "deep": ' + "[" * depth + "]" * depth + "}")
+        seen.hostile.append("deep_nesting")
+    if faults.huge_message:
+        await ws.send_message(json.dumps({**ok, "padding": "x" * faults.huge_message}))
+        seen.hostile.append("huge_message")
+    if faults.flood:
+        text = json.dumps(ok)
+        for _ in range(faults.flood):
+            await ws.send_message(text)
+        seen.hostile.append("flood")
+    if faults.invalid_utf8:
+        await _send_raw_text(ws, b'{"state": "ok", "text": "\xff\xfe\xc0\x80"}')
+        seen.hostile.append("invalid_utf8")
+
+
+async def _send_raw_text(ws: trio_websocket.WebSocketConnection, payload: bytes) -> None:
+    """One unmasked text frame carrying ``payload`` as it is, under trio-websocket's own send lock."""
+    assert len(payload) <= 125
+    async with ws._stream_lock:
+        await ws._stream.send_all(bytes([FIN_TEXT, len(payload)]) + payload)
 
 
 async def _drop(ws: trio_websocket.WebSocketConnection) -> None:
