@@ -176,3 +176,34 @@ async def test_a_message_over_the_clients_limit_ends_the_attempt_and_does_not_bl
     assert isinstance(outcome, SessionError), outcome
     assert outcome.close_code == 1009
     assert "frame" not in outcome.reason, outcome.reason
+
+
+def test_caired_backend_takes_every_hostile_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from caired import cli
+    from caired.commands import backend as command
+
+    seen: list[Faults] = []
+
+    async def serve(options: Any, **kwargs: Any) -> None:
+        seen.append(options.faults)
+
+    monkeypatch.setattr(command, "serve_backend", serve)
+    code = cli.main(["backend", "--deep-nesting", "5000", "--huge-message", "9000000", "--flood", "100",
+                     "--invalid-utf8", "--binary-every", "4", "--finished-twice", "--hostile-after", "3",
+                     "--hostile-times", "2", "--close-after", "5", "--close-code", "4321", "--log-format", "json"])
+    assert code == 0
+    assert seen == [Faults(deep_nesting=5000, huge_message=9000000, flood=100, invalid_utf8=True, binary_every=4,
+                           finished_twice=True, hostile_after=3, hostile_times=2, close_after=5, close_code=4321)]
+
+
+@pytest.mark.parametrize("code", ["1005", "1006", "1015", "999", "5000", "abc"])
+def test_caired_backend_refuses_a_close_code_no_close_frame_may_carry(
+    code: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from caired import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["backend", "--close-code", code])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --close-code" in err and len(err.strip().splitlines()) == 1
