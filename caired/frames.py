@@ -41,6 +41,7 @@ import trio
 from caired._trio import open_nursery
 from caired.config import DECODER_PIXEL_LIMIT, StreamConfig
 from caired.errors import FrameError, NoFramesError
+from caired.fsops import shown
 
 # A second line behind the IHDR check: OpenCV refuses to decode an image of more pixels
 # than this environment variable says (its default is 2**30). OpenCV reads it once, when
@@ -80,12 +81,6 @@ def encode_workers() -> int:
     except (AttributeError, OSError):  # not Linux
         cpus = os.cpu_count() or 1
     return cpus + 1
-
-
-def shown(name: bytes | str | os.PathLike[str]) -> str:
-    """A file or folder name for a log line or a message: undecodable bytes as ``\\xNN``."""
-    raw = name if isinstance(name, bytes) else os.fsencode(name)
-    return raw.decode("utf-8", "backslashreplace")
 
 
 @attrs.frozen(kw_only=True)
@@ -164,13 +159,16 @@ class FrameFolder:
     as any frame; ``True`` (a user's own folder, ``caired stream DIR``) follows them.
     """
 
-    def __init__(self, path: Path, fd: int, *, follow_symlinks: bool) -> None:
+    def __init__(self, path: Path, fd: int, *, follow_symlinks: bool, label: str = "") -> None:
         self.path = path
         self.follow_symlinks = follow_symlinks
+        self.label = label or shown(os.fspath(path))  # how messages name the folder
         self._fd = fd
 
     @classmethod
-    def open(cls, path: Path, *, follow_symlinks: bool = True, dir_fd: int | None = None) -> FrameFolder:
+    def open(
+        cls, path: Path, *, follow_symlinks: bool = True, dir_fd: int | None = None, label: str = ""
+    ) -> FrameFolder:
         """Open ``path`` (relative to ``dir_fd`` when given); NoFramesError says why it cannot be."""
         flags = _OPEN_FOLDER if follow_symlinks else _OPEN_FOLDER | os.O_NOFOLLOW
         try:
@@ -178,8 +176,8 @@ class FrameFolder:
         except OSError as exc:
             link = not follow_symlinks and exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(path, dir_fd)
             problem = "is a symbolic link, which is not followed here" if link else _folder_problem(exc)
-            raise NoFramesError(f"{shown(path)}: {problem}") from None
-        return cls(path, fd, follow_symlinks=follow_symlinks)
+            raise NoFramesError(f"{label or shown(os.fspath(path))}: {problem}") from None
+        return cls(path, fd, follow_symlinks=follow_symlinks, label=label)
 
     @property
     def closed(self) -> bool:
@@ -191,11 +189,11 @@ class FrameFolder:
     def list(self) -> Listing:
         """The folder's frames, listed from its descriptor (names as bytes)."""
         if self.closed:
-            raise NoFramesError(f"{shown(self.path)}: the folder was closed")
+            raise NoFramesError(f"{self.label}: the folder was closed")
         try:
             names = os.listdir(self._fd)  # str with surrogate escapes; fsencode gives back the bytes
         except OSError as exc:
-            raise NoFramesError(f"{shown(self.path)}: cannot be listed: {exc.strerror or exc}") from None
+            raise NoFramesError(f"{self.label}: cannot be listed: {exc.strerror or exc}") from None
         return sort_frames((os.fsencode(name) for name in names), self.path)
 
     def read(self, name: str, max_bytes: int) -> bytes:
@@ -211,7 +209,7 @@ class FrameFolder:
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:  # a folder nobody closed: do not leak its descriptor
-            warnings.warn(f"unclosed frame folder {shown(self.path)}", ResourceWarning, stacklevel=1)
+            warnings.warn(f"unclosed frame folder {self.label}", ResourceWarning, stacklevel=1)
             self.close()
 
     def __enter__(self) -> FrameFolder:

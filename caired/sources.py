@@ -7,6 +7,7 @@ frames that could not be read reported (once per session) and skipped.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -29,8 +30,8 @@ from caired.frames import (
     Result,
     encode_pipeline,
     encoder,
-    shown,
 )
+from caired.fsops import shown
 
 log = structlog.get_logger()
 
@@ -81,7 +82,9 @@ class FolderSource:
     renamed or swapped for a link meanwhile changes nothing. Use it as ``async with
     FolderSource(...) as source:``, which closes it. ``follow_symlinks=False`` (the
     daemon's spool) refuses the folder or any frame that is a symbolic link;
-    ``dir_fd`` opens ``directory`` relative to a folder the caller holds.
+    ``dir_fd`` opens ``directory`` relative to a folder the caller holds (``Path(".")``
+    with a held folder's descriptor opens that very folder), and ``label`` names it in
+    messages when ``directory`` alone would not.
     """
 
     directory: Path
@@ -89,6 +92,7 @@ class FolderSource:
     limiter: trio.CapacityLimiter
     follow_symlinks: bool = True
     dir_fd: int | None = None
+    label: str = ""
     frames: tuple[FrameRef, ...] = ()
     ignored: int = 0
     skipped: set[str] = attrs.field(factory=set)
@@ -99,6 +103,10 @@ class FolderSource:
     @property
     def total(self) -> int | None:
         return len(self.frames)
+
+    @property
+    def _shown(self) -> str:
+        return self.label or shown(os.fspath(self.directory))
 
     async def __aenter__(self) -> FolderSource:
         return self
@@ -119,17 +127,17 @@ class FolderSource:
                      reason="not named <timestamp>.png")
         if not listing.frames:
             raise NoFramesError(
-                f"{shown(self.directory)}: no frames (expected files named like 1747154380.5511632.png)"
+                f"{self._shown}: no frames (expected files named like 1747154380.5511632.png)"
             )
 
     def _open_and_list(self) -> Listing:
         with self._lock:
             if self._folder is None and not self._closed:
                 self._folder = FrameFolder.open(self.directory, follow_symlinks=self.follow_symlinks,
-                                                dir_fd=self.dir_fd)
+                                                dir_fd=self.dir_fd, label=self._shown)
             folder = self._folder
         if folder is None:
-            raise NoFramesError(f"{shown(self.directory)}: the source was closed")
+            raise NoFramesError(f"{self._shown}: the source was closed")
         return folder.list()
 
     async def aclose(self) -> None:
@@ -145,7 +153,7 @@ class FolderSource:
     async def open(self) -> AsyncIterator[Feed]:
         folder = self._folder
         if folder is None:
-            raise NoFramesError(f"{shown(self.directory)}: not prepared, or already closed")
+            raise NoFramesError(f"{self._shown}: not prepared, or already closed")
         stream_cfg = self.cfg.stream
         encode = encoder(stream_cfg.format, stream_cfg.jpeg_quality, folder, FrameLimits.from_config(stream_cfg))
         batch = RAW_BATCH if stream_cfg.format == "raw" else 1

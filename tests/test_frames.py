@@ -38,9 +38,9 @@ from caired.frames import (
     png_size,
     read_jpeg,
     read_raw,
-    shown,
     sort_frames,
 )
+from caired.fsops import shown
 
 LIMITS = FrameLimits()
 

@@ -45,10 +45,11 @@ async def drain(feed: Feed) -> list[str]:
 
 
 def source(
-    directory: Path, *, follow_symlinks: bool = True, fmt: str = "jpeg", dir_fd: int | None = None
+    directory: Path, *, follow_symlinks: bool = True, fmt: str = "jpeg", dir_fd: int | None = None, label: str = ""
 ) -> FolderSource:
     cfg = make_config(1, FRAME_FORMAT=fmt, CAIRED_STREAM_MAX_FRAME_BYTES="200000")
-    return FolderSource(directory, cfg, trio.CapacityLimiter(2), follow_symlinks=follow_symlinks, dir_fd=dir_fd)
+    return FolderSource(directory, cfg, trio.CapacityLimiter(2), follow_symlinks=follow_symlinks, dir_fd=dir_fd,
+                        label=label)
 
 
 async def test_the_folder_is_held_by_one_descriptor_from_prepare_to_close(frames: Callable[..., Path]) -> None:
@@ -119,6 +120,27 @@ async def test_the_folder_can_be_opened_relative_to_a_descriptor_the_caller_hold
                 assert len(await drain(feed)) == 3
     finally:
         os.close(parent)
+
+
+async def test_a_held_folder_is_opened_through_its_own_descriptor_and_named_by_its_label(
+    frames: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The daemon's way: the claim holds active/NAME open; the source opens "." relative to it, no path."""
+    directory = frames(3)
+    held = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        directory.rename(tmp_path / "moved")
+        async with source(Path("."), follow_symlinks=False, dir_fd=held, label="session-7") as src:
+            await src.prepare()
+            async with src.open() as feed:
+                assert len(await drain(feed)) == 3
+        for name in os.listdir(held):
+            os.unlink(name, dir_fd=held)
+        async with source(Path("."), follow_symlinks=False, dir_fd=held, label="session-7") as src:
+            with pytest.raises(NoFramesError, match=r"^session-7: no frames"):
+                await src.prepare()
+    finally:
+        os.close(held)
 
 
 @pytest.mark.parametrize("follow_symlinks", [True, False])
