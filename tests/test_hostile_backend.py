@@ -22,7 +22,7 @@ from caired.config import Config
 from caired.emulator.server import BackendState, Faults
 from caired.errors import SessionError
 from caired.protocol import LOG_PREFIX, new_datapt_id
-from caired.session import Delivered, deliver
+from caired.session import Delivered, Limits, deliver
 from caired.sources import FolderSource
 from caired.uplink import Gate
 from tests.conftest import BackendFactory, make_config
@@ -35,7 +35,7 @@ async def deliver_folder(cfg: Config, directory: Path, *, attempts: int = 3) -> 
         await source.prepare()
         with trio.fail_after(60):
             return await deliver(source, cfg=cfg, gate=Gate(cfg.retry), name=directory.name,
-                                 datapt_id=new_datapt_id(), attempts=attempts)
+                                 datapt_id=new_datapt_id(), limits=Limits(attempts=attempts))
 
 
 async def run(backend: BackendFactory, directory: Path, faults: Faults, *, attempts: int = 3,
