@@ -148,7 +148,7 @@ def sort_frames(names: Iterable[bytes], directory: Path = Path()) -> Listing:
                     examples.append(shown(name))
             continue
         frames.append((Decimal(stem), FrameRef(name.decode("ascii"), stem, directory)))
-    frames.sort(key=lambda pair: (pair[0], pair[1].timestamp))
+    frames.sort(key=lambda pair: (pair[0], pair[1].timestamp, pair[1].name))  # the same order whatever the folder's
     return Listing(tuple(ref for _, ref in frames), ignored, tuple(examples))
 
 

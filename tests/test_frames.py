@@ -97,6 +97,13 @@ def test_only_ascii_digits_make_a_frame_name(tmp_path: Path) -> None:
     assert listing.ignored == 3
 
 
+def test_names_with_the_same_stem_come_in_one_order_whatever_the_folders(tmp_path: Path) -> None:
+    names = [b"7.PNG", b"7.png", b"7.pNg", b"07.png", b"7.0.png"]
+    expected = sort_frames(names)
+    assert [ref.name for ref in expected.frames] == ["07.png", "7.PNG", "7.pNg", "7.png", "7.0.png"]
+    assert sort_frames(reversed(names)) == expected
+
+
 def test_names_that_are_not_utf8_are_ignored_counted_and_shown_escaped(tmp_path: Path) -> None:
     base = os.fsencode(tmp_path)
     for name in [b"\xff\xfe.png", b"1\xff.png", b"\xc0\x80", b"7.png", b".\xff-hidden"]:
