@@ -180,14 +180,14 @@ async def test_a_message_over_the_clients_limit_ends_the_attempt_and_does_not_bl
 
 def test_caired_backend_takes_every_hostile_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     from caired import cli
-    from caired.commands import backend as command
+    from caired.emulator import server
 
     seen: list[Faults] = []
 
     async def serve(options: Any, **kwargs: Any) -> None:
         seen.append(options.faults)
 
-    monkeypatch.setattr(command, "serve_backend", serve)
+    monkeypatch.setattr(server, "serve_backend", serve)
     code = cli.main(["backend", "--deep-nesting", "5000", "--huge-message", "9000000", "--flood", "100",
                      "--invalid-utf8", "--binary-every", "4", "--finished-twice", "--hostile-after", "3",
                      "--hostile-times", "2", "--close-after", "5", "--close-code", "4321", "--log-format", "json"])
