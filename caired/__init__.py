@@ -1,3 +1,11 @@
 """caired: stream camera frames to the Caire rPPG backend and keep every answer."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# A second line behind the PNG header check (caired.frames): OpenCV refuses to decode an
+# image of more pixels than this says (its default is 2**30). OpenCV reads it once, when cv2
+# is first imported, so it is set here, before any caired module can import cv2; a value
+# already in the environment is kept. 2**28 = config.DECODER_PIXEL_LIMIT.
+_os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))

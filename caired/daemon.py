@@ -27,6 +27,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -159,12 +160,14 @@ async def run_folder_session(ctx: Context, claim: Claim) -> None:
     cfg = ctx.cfg
 
     async def stream() -> Done:
-        source = FolderSource(claim.path, cfg, ctx.limiter)
-        await source.prepare()
-        limits = Limits(accepted_failures=cfg.retry.session_attempts or None, reject_is_final=False)
-        delivered = await deliver(source, cfg=cfg, gate=ctx.gate, name=claim.shown, datapt_id=claim.datapt_id,
-                                  limits=limits, first_attempt=claim.attempts + 1,
-                                  on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt)
+        # The very folder the claim holds, through its descriptor; no symlink in the spool is followed.
+        async with FolderSource(Path("."), cfg, ctx.limiter, follow_symlinks=False, dir_fd=claim.dir_fd,
+                                label=claim.shown) as source:
+            await source.prepare()
+            limits = Limits(accepted_failures=cfg.retry.session_attempts or None, reject_is_final=False)
+            delivered = await deliver(source, cfg=cfg, gate=ctx.gate, name=claim.shown, datapt_id=claim.datapt_id,
+                                      limits=limits, first_attempt=claim.attempts + 1,
+                                      on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt)
         return Done(delivered.result(source=claim.source, frames_ignored=source.ignored,
                                      frames_unreadable=sorted(source.skipped)))
 

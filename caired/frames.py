@@ -39,15 +39,9 @@ import pybase64
 import trio
 
 from caired._trio import open_nursery
-from caired.config import DECODER_PIXEL_LIMIT, StreamConfig
+from caired.config import StreamConfig
 from caired.errors import FrameError, NoFramesError
 from caired.fsops import shown
-
-# A second line behind the IHDR check: OpenCV refuses to decode an image of more pixels
-# than this environment variable says (its default is 2**30). OpenCV reads it once, when
-# cv2 is first imported, which in caired comes after this module; a value already in the
-# environment is kept.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DECODER_PIXEL_LIMIT))
 
 FRAME_NAME: Final = re.compile(rb"^([0-9]+(?:\.[0-9]+)?)\.png\Z", re.IGNORECASE)
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"

@@ -124,6 +124,14 @@ def classify_closed(reason: Any) -> SessionError:
     code: int | None = getattr(reason, "code", None)
     text = getattr(reason, "reason", None) or ""
     described = f"closed with {code}" + (f" ({text})" if text else "") if code is not None else "connection lost"
+    # trio-websocket reports the closes it makes itself (a message of ours it refused to
+    # receive) like the backend's: those are the backend's fault, not our payload's.
+    if code == 1009 and str(text).startswith("Exceeded maximum message size"):
+        return SessionError(f"the backend sent a message over {MAX_MESSAGE} bytes (closed with 1009)",
+                            close_code=code, retry=Retry.SESSION)
+    if code == 1007 and "codec can't decode" in str(text):
+        return SessionError("the backend sent text that is not UTF-8 (closed with 1007)", close_code=code,
+                            retry=Retry.SESSION)
     kind = classify_close(code)
     if kind is CloseKind.REJECTED:
         if "path" in str(text).lower():

@@ -102,7 +102,7 @@ def test_an_error_about_the_file_caired_config_names_is_labelled_caired_config(t
         ("[stream]\nfsp = 10\n", "stream.fsp (from file {path}): unknown key; did you mean stream.fps?"),
         ("[stream]\nduration = 10\n", "stream.duration (from file {path}): unknown key; did you mean record.duration?"),
         ("[spool]\nsettle = 1\n", "spool.settle (from file {path}): unknown key; did you mean spool.settle_seconds?"),
-        ("[stream]\nframes_per_second = 30\n", "stream.frames_per_second (from file {path}): unknown key"),
+        ("[stream]\nupload_bandwidth_kbps = 30\n", "stream.upload_bandwidth_kbps (from file {path}): unknown key"),
         ("[streem]\nfps = 30\n", "streem (from file {path}): unknown section; did you mean stream? (known: backend, "
                                    "stream, spool, retry, log, camera, record)"),
     ],

@@ -23,7 +23,7 @@ async def test_a_bug_in_one_session_fails_that_folder_only(
     real_prepare = FolderSource.prepare
 
     async def prepare(self: FolderSource) -> None:
-        if self.directory.name == "cursed":
+        if self.label == "cursed":
             raise RuntimeError("a bug nobody foresaw")
         await real_prepare(self)
 

@@ -22,6 +22,7 @@ from caired.attempt import Tally
 from caired.cli import add_bool, add_common, command
 from caired.config import Config
 from caired.frames import encode_workers
+from caired.fsops import shown
 from caired.progress import progress_line, render
 from caired.protocol import new_datapt_id
 from caired.session import Limits, deliver
@@ -149,13 +150,13 @@ async def stream_folder(
     limiter = trio.CapacityLimiter(encode_workers())
     datapt_id = datapt_id or new_datapt_id()
     tally = tally if tally is not None else Tally()
-    with structlog.contextvars.bound_contextvars(source="cli", session=directory.name, datapt_id=datapt_id):
+    with structlog.contextvars.bound_contextvars(source="cli", session=shown(directory.name), datapt_id=datapt_id):
         try:
             async with FolderSource(directory, cfg, limiter) as source:  # a user's own folder: links are followed
                 await source.prepare()
                 async with progress_line(lambda now: render(tally, now)):
                     gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
-                    await deliver(source, cfg=cfg, gate=gate, name=directory.name, datapt_id=datapt_id,
+                    await deliver(source, cfg=cfg, gate=gate, name=shown(directory.name), datapt_id=datapt_id,
                                   limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
         except trio.Cancelled:
             log.warning("session_cancelled", frames_sent=tally.sent, frames_total=tally.total)
