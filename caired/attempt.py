@@ -21,7 +21,7 @@ import trio
 import trio_websocket
 
 from caired._trio import open_nursery
-from caired.errors import FinishTimeout, NoFramesError, SessionError
+from caired.errors import FinishTimeout, NoFramesError, Retry, SessionError
 from caired.frames import EncodedFrame
 from caired.protocol import STATE_END, STATE_STREAM, Answer, message_parts, parse_answer
 from caired.sources import Feed
@@ -35,6 +35,10 @@ CLOSE_TIMEOUT: Final = 2.0
 # reply, so waiting for it would only delay shutdown; the close frame itself leaves at once.
 ABANDON_TIMEOUT: Final = 0.5
 GOING_AWAY: Final = 1001
+POLICY_VIOLATION: Final = 1008
+# Answers an attempt takes before it calls them a flood: a generous allowance, plus a few per frame sent.
+ANSWER_ALLOWANCE: Final = 1024
+ANSWERS_PER_FRAME: Final = 8
 
 
 class Socket(Protocol):
@@ -74,6 +78,7 @@ class _Shared:
     scope: trio.CancelScope
     finished: Answer | None = None
     failure: SessionError | None = None
+    close_with: tuple[int, str] = (GOING_AWAY, "going away")  # how we close when it did not finish
 
     @property
     def over(self) -> bool:
@@ -84,9 +89,11 @@ class _Shared:
             self.finished = answer
         self.scope.cancel()
 
-    def fail(self, error: SessionError) -> None:
+    def fail(self, error: SessionError, *, close_with: tuple[int, str] | None = None) -> None:
         if not self.over:
             self.failure = error
+            if close_with is not None:
+                self.close_with = close_with
         self.scope.cancel()
 
 
@@ -105,7 +112,7 @@ async def stream(
 ) -> Finished:
     """Send every frame of ``feed`` and wait for ``finished``; raise a SessionError otherwise."""
     tally = tally if tally is not None else Tally()
-    closing_code = GOING_AWAY
+    closing: tuple[int, str | None] = (GOING_AWAY, "going away")
     try:
         async with open_nursery() as nursery:
             shared = _Shared(nursery.cancel_scope)
@@ -116,7 +123,7 @@ async def stream(
             await trio.sleep(finish_timeout)  # ended early by finish() or fail()
             shared.fail(FinishTimeout(f"no 'finished' within {finish_timeout:g} s after the end message"))
         if shared.finished is not None:
-            closing_code = 1000
+            closing = (1000, None)
             return Finished(
                 message=shared.finished.body,
                 hr=shared.finished.hr,
@@ -125,11 +132,12 @@ async def stream(
                 answers=tally.answers,
             )
         assert shared.failure is not None
+        closing = shared.close_with
         raise shared.failure
     finally:
-        with trio.move_on_after(CLOSE_TIMEOUT if closing_code == 1000 else ABANDON_TIMEOUT, shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT if closing[0] == 1000 else ABANDON_TIMEOUT, shield=True):
             with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
-                await ws.aclose(closing_code, None if closing_code == 1000 else "going away")
+                await ws.aclose(*closing)
 
 
 async def _send(
@@ -193,6 +201,13 @@ async def _listen(
             return
         answer = parse_answer(message)
         tally.answers += 1
+        allowed = ANSWER_ALLOWANCE + ANSWERS_PER_FRAME * tally.sent
+        if tally.answers > allowed:
+            # A backend that answers far more than it is sent is flooding: each answer costs a log
+            # line and a parse. The attempt ends as a policy violation (1008), and is retried.
+            shared.fail(SessionError(f"the backend sent more than {allowed} messages for {tally.sent} frames",
+                                     retry=Retry.SESSION), close_with=(POLICY_VIOLATION, "too many messages"))
+            return
         if answer.hr is not None:
             tally.hr = answer.hr
         log.info("response", response_kind=answer.kind, response=answer.for_log())

@@ -30,8 +30,11 @@ from caired.protocol import CloseKind, auth_headers, build_url, classify_close, 
 
 log = structlog.get_logger()
 
-MAX_MESSAGE: Final = 64 * 1024 * 1024  # answers are small, but no side may keep a 1 MiB limit
-MESSAGE_QUEUE: Final = 64  # answers wait here while the listener logs; it drains continuously
+# What one connection may make us hold: answers are small (an advanced one with its rPPG
+# window is tens of KB), but no side may keep a 1 MiB limit. A bigger message closes with
+# 1009; at most MESSAGE_QUEUE whole ones wait while the listener logs (it drains continuously).
+MAX_MESSAGE: Final = 16 * 1024 * 1024
+MESSAGE_QUEUE: Final = 16
 CLOSE_TIMEOUT: Final = 2.0
 SLOW_FACTOR: Final = 4.0  # 1012/1013/429: the server asked for time
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from caired import uplink
+from caired import attempt, uplink
 from caired.config import Config
 from caired.emulator.server import BackendState, Faults
 from caired.errors import SessionError
@@ -84,14 +84,26 @@ async def test_a_huge_message_is_logged_by_size_and_prefix_and_the_session_goes_
     assert huge["text"].startswith('{"state": "ok"')
 
 
-async def test_a_flood_of_messages_is_drained_and_logged_and_the_session_goes_on(
+async def test_a_burst_of_messages_within_bounds_is_drained_and_logged_and_the_session_goes_on(
     backend: BackendFactory, frames: Callable[..., Path]
 ) -> None:
-    state, outcome, logs = await run(backend, frames(FRAMES), Faults(flood=3000))
+    state, outcome, logs = await run(backend, frames(FRAMES), Faults(flood=1000))
     delivered = assert_finished_first_time(state, outcome, "flood")
     oks = [r for r in responses(logs, "json") if r["state"] == "ok"]
-    assert len(oks) == 3000 + FRAMES // 3  # every one recorded: the flood and the regular answers
+    assert len(oks) == 1000 + FRAMES // 3  # every one recorded: the burst and the regular answers
     assert delivered.finished.answers == len(responses(logs))
+
+
+async def test_a_flood_past_the_bound_ends_the_attempt_with_1008(
+    backend: BackendFactory, frames: Callable[..., Path]
+) -> None:
+    bound = attempt.ANSWER_ALLOWANCE + attempt.ANSWERS_PER_FRAME * FRAMES
+    state, outcome, logs = await run(backend, frames(FRAMES), Faults(flood=3000), attempts=2)
+    assert isinstance(outcome, Delivered) and outcome.attempts == 2  # the flood was the first connection's
+    assert [s.close_code for s in state.sessions] == [1008, 1000]  # told why, as the protocol says
+    [retry] = [e for e in logs if e["event"] == "session_retry"]
+    assert f"more than {bound} messages" in retry["reason"]
+    assert len(responses(logs)) <= bound + 1 + FRAMES  # what the flood could cost is bounded
 
 
 async def test_binary_messages_are_recorded_by_length(backend: BackendFactory, frames: Callable[..., Path]) -> None:
