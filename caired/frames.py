@@ -38,6 +38,7 @@ import numpy as np
 import pybase64
 import trio
 
+from caired import fsops
 from caired._trio import open_nursery
 from caired.config import StreamConfig
 from caired.errors import FrameError, NoFramesError
@@ -236,71 +237,22 @@ def _folder_problem(exc: OSError) -> str:
 def read_at(dir_fd: int, name: str | bytes, *, max_bytes: int, follow_symlinks: bool) -> bytes:
     """The regular file ``name`` in the folder ``dir_fd``, read whole if it has at most ``max_bytes``.
 
-    Opened with ``O_NONBLOCK`` (a FIFO does not hold the thread) and ``O_NOFOLLOW`` unless
-    links are followed; anything but a regular file, or a file over the cap, is refused
-    before a byte of it is read.
+    ``fsops.read_regular``: a FIFO does not hold the thread, a link is not followed unless
+    links are, and anything but a regular file, or a file over the cap, is refused before a
+    byte of it is read; each becomes this frame's FrameError.
     """
     label = shown(name)
-    flags = _OPEN_FRAME if follow_symlinks else _OPEN_FRAME | os.O_NOFOLLOW
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        return fsops.read_regular(dir_fd, name, max_bytes, follow_symlinks=follow_symlinks)
+    except fsops.NotRegular as exc:
+        raise FrameError(label, f"is {exc.kind}" + ("" if "symbolic link" in exc.kind else ", not a regular file")) \
+            from None
+    except fsops.TooBig as exc:
+        if exc.size is None:
+            raise FrameError(label, f"grew past stream.max_frame_bytes ({max_bytes}) while it was read") from None
+        raise FrameError(label, f"is {exc.size} bytes, more than stream.max_frame_bytes ({max_bytes})") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow_symlinks:
-            raise FrameError(label, "is a symbolic link, which is not followed here") from None
         raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
-    try:
-        try:
-            info = os.fstat(fd)
-        except OSError as exc:
-            raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(info.st_mode):
-            raise FrameError(label, f"is {_file_kind(info.st_mode)}, not a regular file")
-        if info.st_size > max_bytes:
-            raise FrameError(label, f"is {info.st_size} bytes, more than stream.max_frame_bytes ({max_bytes})")
-        try:
-            data = _read_capped(fd, info.st_size, max_bytes)
-        except OSError as exc:
-            raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
-        if data is None:
-            raise FrameError(label, f"grew past stream.max_frame_bytes ({max_bytes}) while it was read")
-        return data
-    finally:
-        os.close(fd)
-
-
-def _read_capped(fd: int, size: int, cap: int) -> bytes | None:
-    """What is left to read of ``fd``, if that is at most ``cap`` bytes; None if there is more.
-
-    Two reads for a file whose size ``fstat`` gave right: the whole of it, then the end.
-    A file that grows while it is read (or that ``fstat`` calls empty, like /proc's) is
-    read on in pieces, up to the cap and one byte beyond.
-    """
-    chunks: list[bytes] = []
-    total = 0
-    want = min(size, cap) + 1
-    while chunk := os.read(fd, want):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > cap:
-            return None
-        want = min(_READ_MORE, cap + 1 - total)
-    return b"".join(chunks)
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    return "a special file"
 
 
 def png_size(head: bytes) -> tuple[int, int]:

@@ -42,11 +42,21 @@ GONE: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ESTALE})
 
 
 class NotRegular(OSError):
-    """The name is a symlink, a folder, a FIFO, a device...: not a regular file."""
+    """The name is a symlink (not followed), a folder, a FIFO, a device...: not a regular file."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(errno.EINVAL, f"{kind}, not a regular file", name)
+        self.kind = kind
 
 
 class TooBig(OSError):
-    """The file is larger than the caller's cap."""
+    """The file is larger than the caller's cap (``size``: what fstat said; None: it grew while read)."""
+
+    def __init__(self, size: int | None, cap: int, name: str) -> None:
+        what = f"{size} bytes, more than the {cap} allowed" if size is not None else f"grew past {cap} bytes"
+        super().__init__(errno.EFBIG, what, name)
+        self.size = size
+        self.cap = cap
 
 
 def shown(name: str | bytes) -> str:
@@ -124,47 +134,63 @@ def same_inode(fd: int, name: str | Path, *, dir_fd: int | None = None) -> bool:
 # Reading
 
 
-def read_regular(dir_fd: int | None, name: str | Path, cap: int) -> bytes:
-    """The bytes of the regular file ``name``, at most ``cap`` of them.
+def read_regular(dir_fd: int | None, name: str | bytes | Path, cap: int, *, follow_symlinks: bool = False) -> bytes:
+    """The bytes of the regular file ``name`` (relative to ``dir_fd``), at most ``cap`` of them.
 
-    Never follows a symlink at ``name`` and never blocks on a FIFO: NotRegular for anything
-    but a regular file, TooBig past ``cap``, FileNotFoundError when it is not there.
+    Never blocks on a FIFO (``O_NONBLOCK``) and, unless told to, never follows a symlink at
+    ``name``: NotRegular for anything but a regular file, TooBig past ``cap`` (refused before a
+    byte is read when fstat says so), FileNotFoundError when it is not there, OSError else.
     """
+    flags = READ_FLAGS if not follow_symlinks else READ_FLAGS & ~os.O_NOFOLLOW
     try:
-        fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotRegular(errno.ELOOP, "a symbolic link, not a regular file", str(name)) from None
+        if exc.errno == errno.ELOOP and not follow_symlinks:
+            raise NotRegular("a symbolic link, which is not followed here", shown(os.fsencode(name))) from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotRegular(errno.EINVAL, f"not a regular file ({_kind(st.st_mode)})", str(name))
+            raise NotRegular(file_kind(st.st_mode), shown(os.fsencode(name)))
         if st.st_size > cap:
-            raise TooBig(errno.EFBIG, f"{st.st_size} bytes, more than the {cap} allowed", str(name))
-        chunks: list[bytes] = []
-        left = cap + 1  # one byte more than allowed tells a file that grew meanwhile
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > cap:
-            raise TooBig(errno.EFBIG, f"more than the {cap} bytes allowed", str(name))
+            raise TooBig(st.st_size, cap, shown(os.fsencode(name)))
+        data = _read_capped(fd, st.st_size, cap)
+        if data is None:
+            raise TooBig(None, cap, shown(os.fsencode(name)))
         return data
     finally:
         os.close(fd)
 
 
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+_READ_MORE: Final = 1024 * 1024  # after a short first read (a file that grew), read on in pieces this big
+
+
+def _read_capped(fd: int, size: int, cap: int) -> bytes | None:
+    """What is left to read of ``fd``, if that is at most ``cap`` bytes; None if there is more.
+
+    Two reads for a file whose size ``fstat`` gave right: the whole of it, then the end.
+    A file that grows while it is read (or that ``fstat`` calls empty, like /proc's) is
+    read on in pieces, up to the cap and one byte beyond.
+    """
+    chunks: list[bytes] = []
+    total = 0
+    want = min(size, cap) + 1
+    while chunk := os.read(fd, want):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            return None
+        want = min(_READ_MORE, cap + 1 - total)
+    return b"".join(chunks)
+
+
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return kind
-    return "not a regular file"
+    return "a special file"
 
 
 # ---------------------------------------------------------------------------------------------

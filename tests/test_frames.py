@@ -21,6 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from caired import fsops
 from caired.config import DECODER_PIXEL_LIMIT
 from caired.errors import FrameError, NoFramesError
 from caired.frames import (
@@ -28,7 +29,6 @@ from caired.frames import (
     FrameFolder,
     FrameLimits,
     FrameRef,
-    _read_capped,
     check_png,
     encode_pipeline,
     encode_workers,
@@ -231,14 +231,14 @@ def test_a_file_that_says_less_than_it_holds_is_still_capped() -> None:
     try:
         os.write(wfd, b"y" * 20)
         os.close(wfd)
-        assert _read_capped(rfd, 0, 19) is None
+        assert fsops._read_capped(rfd, 0, 19) is None
     finally:
         os.close(rfd)
     rfd, wfd = os.pipe()
     try:
         os.write(wfd, b"y" * 20)
         os.close(wfd)
-        assert _read_capped(rfd, 3, 20) == b"y" * 20
+        assert fsops._read_capped(rfd, 3, 20) == b"y" * 20
     finally:
         os.close(rfd)
 
