@@ -516,13 +516,26 @@ def _resolve_key(
     if backend.get("api_key_file"):
         candidates.append((Path(backend["api_key_file"]), "backend.api_key_file"))
     for path, origin in candidates:
-        if origin == "credential" and not path.exists():
-            continue
+        if origin == "credential":
+            try:
+                present = path.exists()
+            except OSError as exc:  # the credentials directory cannot be searched (EACCES)
+                errors.append(ConfigError(
+                    "backend.api_key", "env CREDENTIALS_DIRECTORY",
+                    f"cannot read {path}: {exc.strerror or exc} (uid {os.geteuid()} cannot get into {credentials}; "
+                    "systemd makes it for the unit's User=, so run caired as that user)"))
+                return
+            if not present:
+                continue
         try:
             text = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            errors.append(ConfigError("backend.api_key_file", sources.get("backend.api_key_file", ""),
-                                      f"cannot read {path}: {exc.strerror or exc}"))
+        except (OSError, UnicodeDecodeError) as exc:
+            key, source = (
+                ("backend.api_key", "env CREDENTIALS_DIRECTORY") if origin == "credential"
+                else ("backend.api_key_file", sources.get("backend.api_key_file", ""))
+            )
+            reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+            errors.append(ConfigError(key, source, f"cannot read {path}: {reason}"))
             return
         if not text:
             errors.append(ConfigError("backend.api_key_file", str(path), "the file is empty"))

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import caired.logging
+import caired.wire  # noqa: F401 - imported before a test forks a child that cannot import
 from caired import cli
 from caired.commands import check_config
 from caired.config import env_names, iter_fields
 from caired.errors import ExitCode
+from tests import users
 
 SECRET = "sk-live-3f9c2e77d1"
 OTHER_SECRET = "env-key-0b84aa51"
@@ -324,3 +330,56 @@ def test_spool_and_log_file_flags_are_checked_as_run_would_take_them(
     assert rows["log.file"] == (f'"{log_file}"', "flag --log-file")
     assert err == (f"caired check-config: spool.dir (from flag --spool): cannot create {spool}: "
                    f"{tmp_path / 'afile'} is not a folder\n")
+
+
+# --- a credentials directory the service user cannot read ------------------------------------------
+
+
+def check_config_in_child(*argv: str) -> tuple[int, str, str]:
+    """``caired check-config ARGV`` in this (forked) process, its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["check-config", *argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def shared_tmp(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path, or (as root, who checks as nobody) a folder nobody can get into as well."""
+    if not users.IS_ROOT:
+        yield tmp_path
+        return
+    with users.reachable_tmp() as path:
+        yield path
+
+
+def test_an_unreadable_credentials_directory_is_one_config_error(
+    shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$CREDENTIALS_DIRECTORY 0700 root, as a misconfigured unit gives it: exit 78, one line, no traceback."""
+    credentials = shared_tmp / "credentials"
+    credentials.mkdir()
+    (credentials / "api_key").write_text(SECRET)
+    credentials.chmod(0o700)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    path = good_config(shared_tmp, api_key="")
+    path.chmod(0o644)
+    if users.IS_ROOT:  # root passes through any mode: check as nobody, who cannot get in
+        nobody = users.User.named("nobody")
+        code, out, err = users.run_as(nobody, check_config_in_child, "--config", str(path))
+        uid = nobody.uid
+    else:
+        credentials.chmod(0o000)
+        try:
+            code, out, err = check_config_in_child("--config", str(path))
+        finally:
+            credentials.chmod(0o700)
+        uid = os.geteuid()
+
+    assert code == ExitCode.CONFIG
+    assert out == ""
+    assert err == (
+        f"caired check-config: backend.api_key (from env CREDENTIALS_DIRECTORY): cannot read {credentials}/api_key: "
+        f"Permission denied (uid {uid} cannot get into {credentials}; systemd makes it for the unit's User=, "
+        "so run caired as that user)\n"
+    )
