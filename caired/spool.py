@@ -438,25 +438,59 @@ class Spool:
     # -- setting up ------------------------------------------------------------------------------
 
     def prepare(self, *, mountinfo: Path | str = MOUNTINFO) -> None:
-        """Create the spool folders (mode 0o770 less the umask; setgid on incoming/ and tmp/).
+        """Create the spool folders that are missing, with the modes of the droppers' model
+        (caired.permissions): the spool 0750; incoming/ and tmp/ 3777 (setgid: a folder a dropper
+        makes there belongs to caired's group, so caired can move it and write in it; sticky:
+        nobody renames or removes another's); active/ 0750; done/ and failed/ 0755. The modes are
+        set with fchmod, so the umask does not narrow them. Folders that exist keep their modes
+        (``caired check-config`` says when they differ from the model).
 
-        SpoolError (exit code 73) with a one-line message if they cannot be created or written,
-        or if the spool is on an NFS mount whose locks only this machine sees (``mountinfo``:
-        the mount table to look in).
+        SpoolError (exit code 73) with a one-line message if they cannot be created or written, if
+        the setgid bit cannot be set (a unit with RestrictSUIDSGID=yes forbids it: create incoming/
+        and tmp/ as root, as the README says), or if the spool is on an NFS mount whose locks only
+        this machine sees (``mountinfo``: the mount table to look in).
         """
+        from caired.permissions import FOLDER_MODES, ROOT_MODE, group_name, user_name
+
         advice = "create it writable for caired's user, or set [spool] dir to a writable folder"
-        for path in (self.root, *(self.root / name for name in FOLDERS)):
+        try:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass  # not a folder: making the spool in it says so (ENOTDIR)
+        except OSError as exc:
+            raise _spool_error("create the spool folder", self.root.parent, exc, advice) from exc
+        for path, mode in ((self.root, ROOT_MODE), *((self.root / name, FOLDER_MODES[name]) for name in FOLDERS)):
             try:
-                path.mkdir(mode=0o770, parents=True, exist_ok=True)
-                st = path.lstat()
+                path.mkdir(mode=0o700)  # nobody else gets in before its mode is set
+                created = True
+            except FileExistsError:
+                created = False
             except OSError as exc:
                 raise _spool_error("create the spool folder", path, exc, advice) from exc
-            if not stat.S_ISDIR(st.st_mode):
-                raise SpoolError(f"{path} is not a folder; move it away or set [spool] dir elsewhere", path=path)
-            if path.name in ("incoming", "tmp") and path.parent == self.root and not st.st_mode & stat.S_ISGID:
-                # Dropped folders inherit the spool's group, so caired can move and delete them.
+            try:
+                fd = fsops.open_dir(path)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise SpoolError(
+                        f"{shown(str(path))} is not a folder; move it away or set [spool] dir elsewhere", path=path
+                    ) from exc
+                raise _spool_error("open the spool folder", path, exc, advice) from exc
+            try:
+                if created:
+                    os.fchmod(fd, mode)
+            except OSError as exc:
                 with contextlib.suppress(OSError):
-                    os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_ISGID)
+                    os.rmdir(path)  # empty and just made: the next start makes it again
+                user, group = user_name(os.geteuid()), group_name(os.getegid())
+                raise SpoolError(
+                    f"cannot set the mode {mode:04o} of the new spool folder {shown(str(path))}: "
+                    f"{exc.strerror or exc} (a unit with RestrictSUIDSGID=yes forbids the setgid bit); "
+                    f"create it as root: install -d -o {user} -g {group} -m {mode:04o} {shown(str(path))}",
+                    path=path,
+                    code=exc.errno,
+                ) from exc
+            finally:
+                os.close(fd)
         devices = set()
         for name in FOLDERS:
             path = self.root / name

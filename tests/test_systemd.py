@@ -17,9 +17,12 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from caired.config import Config
 from caired.systemd import Notifier, serve_watchdog
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "caired.service"
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "caired.service"
+SAMPLE = ROOT / "etc" / "caired.toml"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
 
@@ -240,12 +243,25 @@ def test_unit_runs_the_daemon_as_a_notify_service_with_a_watchdog() -> None:
     assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert settings["WatchdogSec"] == ["30s"]
     assert settings["User"] == ["caired"]
+    assert settings["Group"] == ["caired"]
     assert settings["CapabilityBoundingSet"] == [""]
-    # The daemon's paths are the ones systemd creates and leaves writable.
-    assert settings["StateDirectory"] == ["caired"]  # /var/lib/caired
-    assert settings["LogsDirectory"] == ["caired"]  # /var/log/caired
+    # The spool is made by install -d (its group is the droppers'), and the sandbox leaves it
+    # writable. Not a StateDirectory: systemd chowns one back to User:Group, recursively, at
+    # every start whose top folder has another group, which would undo the droppers' model.
+    assert settings["ReadWritePaths"] == ["/var/lib/caired"]
+    assert "StateDirectory" not in settings
+    assert settings["RequiresMountsFor"] == ["/var/lib/caired"]
+    assert settings["LogsDirectory"] == ["caired"]  # /var/log/caired, made by systemd
+    assert settings["LogsDirectoryMode"] == ["0750"]  # caired:caired: no dropper reads the log
     assert settings["LoadCredential"] == ["api_key:/etc/caired/api_key"]
     assert "copytruncate" not in UNIT.read_text()
+
+
+def test_the_unit_paths_are_the_sample_configs() -> None:
+    cfg = Config.load(path=SAMPLE, env={})
+    settings = unit_settings(UNIT.read_text())
+    assert cfg.spool.dir in settings["ReadWritePaths"]
+    assert Path(cfg.log.file).parent == Path("/var/log") / settings["LogsDirectory"][0]
 
 
 @needs_analyze
