@@ -7,18 +7,23 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
 from caired.config import Config
+from caired.errors import ExitCode
+from caired.frames import encode_workers
 from caired.systemd import Notifier, serve_watchdog
+from tests.conftest import BackendFactory, cli_env, write_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "caired.service"
@@ -262,6 +267,143 @@ def test_the_unit_paths_are_the_sample_configs() -> None:
     settings = unit_settings(UNIT.read_text())
     assert cfg.spool.dir in settings["ReadWritePaths"]
     assert Path(cfg.log.file).parent == Path("/var/log") / settings["LogsDirectory"][0]
+
+
+def sections(text: str) -> dict[str, dict[str, list[str]]]:
+    """The unit's settings per [Section]."""
+    found: dict[str, dict[str, list[str]]] = {}
+    current = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            found.setdefault(current, {}).setdefault(key, []).append(value)
+    return found
+
+
+def seconds(value: str) -> float:
+    """A systemd time span as used in the unit: '5s', '15min', '1h', or plain seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h)?", value.strip())
+    assert match, value
+    return float(match[1]) * {"ms": 0.001, "s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, None: 1}[match[2]]
+
+
+def start_times(crash_after: list[float], *, restart_sec: float, interval: float, burst: int) -> list[float]:
+    """When systemd starts a unit whose n-th run dies ``crash_after[n]`` seconds after it started
+    (Restart=on-failure, RestartSec=), under StartLimitIntervalSec=/StartLimitBurst=: the start
+    rate limit counts starts in a window opened by the first, and refuses the one past the burst,
+    leaving the unit failed. The list ends with the last start made."""
+    starts: list[float] = []
+    window_start, in_window = 0.0, 0
+    now = 0.0
+    for run in crash_after:
+        if now - window_start > interval or not starts:
+            window_start, in_window = now, 0
+        if in_window >= burst:
+            return starts  # start-limit-hit: the unit stays failed, shown by systemctl status
+        in_window += 1
+        starts.append(now)
+        now += run + restart_sec
+    return starts
+
+
+def test_a_crash_loop_ends_in_the_failed_state() -> None:
+    unit = sections(UNIT.read_text())
+    # In [Unit]: in [Service] systemd would ignore them (with a warning).
+    assert "StartLimitIntervalSec" not in unit["Service"] and "StartLimitBurst" not in unit["Service"]
+    interval = seconds(unit["Unit"]["StartLimitIntervalSec"][0])
+    burst = int(unit["Unit"]["StartLimitBurst"][0])
+    restart_sec = seconds(unit["Service"]["RestartSec"][0])
+    assert unit["Service"]["Restart"] == ["on-failure"]
+    limits = {"restart_sec": restart_sec, "interval": interval, "burst": burst}
+
+    # Dying at start (a broken install, a native crash on import): a few restarts, then failed.
+    starts = start_times([1.0] * 1000, **limits)
+    assert len(starts) == burst and starts[-1] < 2 * 60
+
+    # A folder that kills the daemon is quarantined after [spool] max_crashes (3) deaths: three
+    # such folders one after another take 9 deaths, and the 10th start is the one that lives.
+    max_crashes = 3
+    poison = [1.0] * (3 * max_crashes) + [float("inf")]
+    assert len(start_times(poison, **limits)) == len(poison)
+
+    # A crash now and then (once an hour) never reaches the limit.
+    assert len(start_times([3600.0] * 50, **limits)) == 50
+
+
+def test_a_configuration_error_is_not_restarted() -> None:
+    settings = unit_settings(UNIT.read_text())
+    assert settings["RestartPreventExitStatus"] == [str(int(ExitCode.CONFIG))]
+
+
+def size_bytes(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)", value)
+    assert match, value
+    return int(match[1]) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match[2]]
+
+
+@attrs.define
+class Footprint:
+    rss: int = 0  # peak resident bytes (VmHWM)
+    threads: int = 0
+    fds: int = 0
+
+    def sample(self, pid: int) -> None:
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        self.rss = max(self.rss, int(status["VmHWM"].split()[0]) * 1024)
+        self.threads = max(self.threads, int(status["Threads"]))
+        self.fds = max(self.fds, len(os.listdir(f"/proc/{pid}/fd")))
+
+
+@pytest.mark.slow
+async def test_the_resource_limits_leave_four_times_what_the_daemon_uses(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    """'caired run' as the unit runs it (its Environment=), streaming 640x480 folders two at a
+    time: its peak memory, threads and descriptors stay under a quarter of the unit's limits."""
+    settings = unit_settings(UNIT.read_text())
+    assert settings["MemorySwapMax"] == ["0"]  # a runaway ends at the limit instead of thrashing
+    state = await backend()
+    spool = tmp_path / "spool"
+    env = cli_env(
+        BACKEND_WS_BASE=f"ws://127.0.0.1:{state.port}/ws/",
+        CAIRED_SPOOL_DIR=str(spool),
+        CAIRED_SPOOL_MAX_SESSIONS="2",
+        CAIRED_LOG_FORMAT="json",
+        **dict(value.split("=", 1) for value in settings["Environment"]),
+    )
+    folders = []
+    for index in range(4):
+        folders.append(tmp_path / f"rec-{index}")
+        write_frames(folders[-1], 45, size=(640, 480), seed=index)
+    used = Footprint()
+    with (tmp_path / "out").open("wb") as out:
+        proc = await trio.lowlevel.open_process([sys.executable, "-m", "caired", "run"], env=env, stdout=out,
+                                                stderr=subprocess.STDOUT)
+    try:
+        with trio.fail_after(120):
+            while not (spool / "incoming").is_dir():
+                assert proc.returncode is None, (tmp_path / "out").read_text()
+                await trio.sleep(0.05)
+            for folder in folders:
+                folder.rename(spool / "incoming" / folder.name)
+            while len(os.listdir(spool / "done")) < len(folders):
+                assert proc.returncode is None, (tmp_path / "out").read_text()
+                assert not os.listdir(spool / "failed")
+                used.sample(proc.pid)
+                await trio.sleep(0.02)
+        used.sample(proc.pid)
+    finally:
+        proc.terminate()
+        with trio.move_on_after(20, shield=True):
+            await proc.wait()
+    assert used.rss * 4 <= size_bytes(settings["MemoryMax"][0]), used
+    assert used.threads * 4 <= int(settings["TasksMax"][0]), used
+    # Threads may grow to trio's pool of 40 and one encoder more than the CPUs, all at once.
+    assert used.threads + 40 + encode_workers() <= int(settings["TasksMax"][0]), used
+    assert used.fds * 4 <= int(settings["LimitNOFILE"][0]), used
 
 
 @needs_analyze
