@@ -60,6 +60,7 @@ class Principal:
 
     name: str
     uid: int
+    gid: int  # the primary group: what the files it creates belong to
     gids: frozenset[int]
 
     @classmethod
@@ -71,17 +72,17 @@ class Principal:
         primary = grp.getgrnam(group).gr_gid if group else entry.pw_gid
         gids = {primary, *os.getgrouplist(name, primary)}
         gids.update(grp.getgrnam(extra).gr_gid for extra in extra_groups)
-        return cls(name=name, uid=entry.pw_uid, gids=frozenset(gids))
+        return cls(name=name, uid=entry.pw_uid, gid=primary, gids=frozenset(gids))
 
     @classmethod
     def group_member(cls, gid: int) -> Principal:
         """Any member of the group ``gid`` who is in no other group that matters and owns nothing."""
-        return cls(name=f"group {group_name(gid)}", uid=-1, gids=frozenset({gid}))
+        return cls(name=f"group {group_name(gid)}", uid=-1, gid=gid, gids=frozenset({gid}))
 
     @classmethod
     def anyone(cls) -> Principal:
         """A user in no group that matters, who owns nothing: what the others' bits allow."""
-        return cls(name="anyone", uid=-1, gids=frozenset())
+        return cls(name="anyone", uid=-1, gid=-1, gids=frozenset())
 
 
 def group_name(gid: int) -> str:

@@ -15,6 +15,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from errno import EACCES, EPERM
 from pathlib import Path
@@ -375,3 +376,120 @@ def test_links_planted_by_a_dropper_make_the_service_write_nothing_outside(site:
 
     assert as_user(site.service, serve, site.spool) == ["rec-b"]
     assert snapshot(site) == before
+
+
+# --- check-config on a real deployment --------------------------------------------------------------
+
+
+def deployed_unit(site: Site) -> tuple[Path, Path]:
+    """The shipped unit and a configuration for this site (PrivateTmp= left out: it lives under /tmp)."""
+    program = site.base / "opt" / "caired"
+    program.parent.mkdir(mode=0o755)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    config = site.key.parent / "caired.toml"
+    config.write_text(f'[spool]\ndir = "{site.spool}"\n[log]\nfile = "{site.log}"\n')
+    config.chmod(0o644)
+    text = (ROOT / "systemd" / "caired.service").read_text()
+    for old, new in {
+        "ExecStart=/opt/caired/bin/caired run --config /etc/caired/caired.toml": f"ExecStart={program} run "
+                                                                                f"--config {config}",
+        "LoadCredential=api_key:/etc/caired/api_key": f"LoadCredential=api_key:{site.key}",
+        "ReadWritePaths=/var/lib/caired": f"ReadWritePaths={site.spool} {site.log.parent}",
+        "User=caired": f"User={site.service.name}",
+        "Group=caired": f"Group={site.service.name}",
+        "SupplementaryGroups=video": "",
+        "PrivateTmp=yes": "",
+    }.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    unit = site.base / "caired.service"
+    unit.write_text(text)
+    return unit, config
+
+
+def check_config(unit: Path, config: Path) -> tuple[int, list[str]]:
+    """``caired check-config`` as root, as the README runs it: its exit code and stderr lines."""
+    done = subprocess.run(
+        [sys.executable, "-m", "caired", "check-config", "--config", str(config), "--unit", str(unit)],
+        capture_output=True, text=True, check=False, env={**os.environ, "CAIRED_LOG_FORMAT": "json"},
+    )
+    return done.returncode, done.stderr.splitlines()
+
+
+def fix(finding: str) -> None:
+    """Run the commands a finding ends with ('...; chown a:b X && chmod 0750 X')."""
+    commands = finding.rsplit("; ", 1)[1]
+    subprocess.run(commands, shell=True, check=True, capture_output=True)
+
+
+@needs_root
+def test_check_config_finds_a_readme_deployment_clean_and_each_departure_with_its_fix(site: Site) -> None:
+    unit, config = deployed_unit(site)
+    assert check_config(unit, config) == (0, [])
+    prefix = f"caired check-config: warning: spool.dir (from file {config}): "
+    user, group = site.service.name, site.service.name
+
+    # Droppers in the service's own group (the old layout): they could read the log.
+    os.chown(site.spool, -1, site.service.gid)
+    code, lines = check_config(unit, config)
+    assert code == 0
+    [line] = lines
+    assert line.startswith(prefix + f"{site.spool} belongs to the group {group}, one of {user}'s own: droppers "
+                                    "would have to join it")
+    os.chown(site.spool, -1, site.droppers_gid)
+
+    # A door the droppers can write: they could move the spool's own folders away.
+    assert errno_as(site.bob, os.rename, site.spool / "tmp", site.spool / "bobs") == EACCES
+    site.spool.chmod(0o770)
+    code, lines = check_config(unit, config)
+    drop = permissions.group_name(site.droppers_gid)
+    assert (code, lines) == (0, [
+        prefix + f"{site.spool} is {user}:{drop} 0770, not {user}:{drop} 0750: droppers could rename or replace "
+                 f"the spool's folders; chown {user} {site.spool} && chmod 0750 {site.spool}"
+    ])
+    assert errno_as(site.bob, os.rename, site.spool / "tmp", site.spool / "bobs") == 0
+    os.rename(site.spool / "bobs", site.spool / "tmp")
+    fix(lines[0])
+    assert check_config(unit, config) == (0, [])
+
+    # incoming/ without its setgid and sticky bits.
+    (site.spool / "incoming").chmod(0o777)
+    code, lines = check_config(unit, config)
+    assert (code, lines) == (0, [
+        prefix + f"{site.spool}/incoming is {user}:{group} 0777, not {user}:{group} 3777 as the droppers' model has "
+                 f"it (README, 'Deploying as a service'); chown {user}:{group} {site.spool}/incoming && "
+                 f"chmod 3777 {site.spool}/incoming"
+    ])
+    fix(lines[0])
+    assert check_config(unit, config) == (0, [])
+
+    # The key readable by the droppers' group.
+    os.chown(site.key, 0, site.droppers_gid)
+    site.key.chmod(0o640)
+    code, lines = check_config(unit, config)
+    assert code == 0
+    assert f"the droppers (group {permissions.group_name(site.droppers_gid)}) can read the API key in {site.key} " \
+           f"(root:{permissions.group_name(site.droppers_gid)} 0640); chmod 0600 {site.key}" in lines[0]
+    assert len(lines) == 1  # not warned twice
+    site.key.chmod(0o600)
+
+    # The log readable by everyone.
+    site.log.parent.chmod(0o755)
+    site.log.chmod(0o644)
+    code, lines = check_config(unit, config)
+    assert code == 0
+    [line] = lines
+    assert f"log.file (from file {config}): the droppers can read the log in {site.log.parent}" in line
+    fix(line)
+    site.log.chmod(0o640)
+    assert check_config(unit, config) == (0, [])
+
+    # The service cannot read its configuration.
+    config.chmod(0o600)
+    code, lines = check_config(unit, config)
+    assert code == 78
+    assert lines == [
+        f"caired check-config: --config: the service cannot read its configuration: {user} may not read {config} "
+        f"(root:root 0600); chmod 0644 {config}, or chgrp {group} and chmod 0640 if it holds a secret"
+    ]
