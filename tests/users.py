@@ -125,7 +125,7 @@ class Accounts:
 def reachable_tmp() -> Iterator[Path]:
     """A fresh folder every user can get into (pytest's tmp_path is under a 0700 folder of the
     user running the tests); removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="caired-test-"))
+    path = Path(tempfile.mkdtemp(prefix="caired-test-", dir="/tmp"))  # not $TMPDIR, which may be private
     try:
         path.chmod(0o755)
         yield path
