@@ -12,7 +12,9 @@ the same whoever runs the check; run it as root, so that every file can be looke
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shlex
 import stat
 from collections.abc import Iterable, Mapping
@@ -337,13 +339,22 @@ def service_principal(unit: Unit) -> tuple[Principal | None, str | None]:
     if unit.flag("DynamicUser"):
         return None, "the unit has DynamicUser=yes: access for its user cannot be checked before it runs"
     user = unit.last("User", "root")
+    group = unit.last("Group") or None
+    extra = unit.words("SupplementaryGroups")
     try:
-        group = unit.last("Group") or None
-        return Principal.user(user, group=group, extra_groups=unit.words("SupplementaryGroups")), None
-    except KeyError as exc:
-        missing = exc.args[0] if exc.args else user
-        return None, (f"the unit runs as User={user} Group={unit.last('Group') or user}, but {missing}; "
-                      f"create them as the {README} says (useradd --system --user-group ... {user})")
+        pwd.getpwnam(user)
+    except KeyError:
+        return None, (f"the unit's User={user} does not exist, so the service cannot start; create it as the "
+                      f"{README} says: useradd --system --user-group --home-dir /var/lib/caired --no-create-home "
+                      f"--shell /usr/sbin/nologin {user}")
+    for name, setting in ((group, "Group"), *((name, "SupplementaryGroups") for name in extra)):
+        if name is None:
+            continue
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            return None, f"the unit's {setting}={name} names no group, so the service cannot start: groupadd {name}"
+    return Principal.user(user, group=group, extra_groups=extra), None
 
 
 def check(

@@ -715,3 +715,21 @@ def test_unit_files_combine_as_systemd_combines_them(tmp_path: Path) -> None:
     assert unit.writable_paths() == [Path("/a"), Path("/b"), Path("/c")]
     assert unit.settings["LoadCredential"] == ("api_key:/second",)  # the empty assignment cleared /first
     assert unit.last("User") == "other"
+
+
+def test_a_unit_user_that_does_not_exist_is_a_problem(
+    deployment: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = f"nouser{uuid.uuid4().hex[:8]}"
+    deployment.write_unit(**{"User=caired": f"User={missing}"})
+    code, _, err = deployment.run(capsys)
+    assert code == ExitCode.CONFIG
+    assert (
+        f"caired check-config: the unit's User={missing} does not exist, so the service cannot start; create it "
+        "as the README, 'Deploying as a service' says: useradd --system --user-group --home-dir /var/lib/caired "
+        f"--no-create-home --shell /usr/sbin/nologin {missing}\n"
+    ) in err
+    deployment.write_unit(**{"SupplementaryGroups=video": f"SupplementaryGroups={missing}"})
+    code, _, err = deployment.run(capsys)
+    assert code == ExitCode.CONFIG
+    assert f"the unit's SupplementaryGroups={missing} names no group, so the service cannot start" in err
