@@ -25,6 +25,7 @@ import attrs
 import pytest
 
 from caired import permissions
+from caired.errors import SpoolError
 from caired.spool import Spool
 from tests import users
 from tests.conftest import T0
@@ -220,6 +221,35 @@ def test_prepare_leaves_the_modes_of_existing_folders(tmp_path: Path) -> None:
     modes = modes_of(tmp_path / "spool")
     assert modes[""][2] == 0o710 and modes["incoming"][2] == 0o700
     assert modes["done"][2] == 0o755  # the missing ones are made
+
+
+def test_prepare_says_which_command_makes_a_folder_it_cannot_give_its_setgid_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the unit's RestrictSUIDSGID=yes, setting the setgid bit fails with EPERM (a seccomp
+    filter, stood in for here): one line with the install -d command, and no half-made folder."""
+    real_fchmod = os.fchmod
+
+    def restricted(fd: int, mode: int) -> None:
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            raise PermissionError(EPERM, os.strerror(EPERM))
+        real_fchmod(fd, mode)
+
+    monkeypatch.setattr(os, "fchmod", restricted)
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(SpoolError) as info:
+        spool.prepare()
+    user, group = permissions.user_name(os.geteuid()), permissions.group_name(os.getegid())
+    assert str(info.value) == (
+        f"cannot set the mode 3777 of the new spool folder {tmp_path}/spool/incoming: Operation not permitted "
+        "(a unit with RestrictSUIDSGID=yes forbids the setgid bit); create it as root: "
+        f"install -d -o {user} -g {group} -m 3777 {tmp_path}/spool/incoming"
+    )
+    assert info.value.exit_code == 73
+    assert not (tmp_path / "spool" / "incoming").exists()
+    (tmp_path / "spool" / "incoming").mkdir()  # as root would, with install -d
+    (tmp_path / "spool" / "tmp").mkdir()
+    spool.prepare()  # the rest is made
 
 
 @needs_root
