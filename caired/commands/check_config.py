@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             the droppers' group; run it as root.
         """,
         examples=[
-            "sudo caired check-config --config /etc/caired/caired.toml",
+            "caired check-config --config /etc/caired/caired.toml",
             "caired check-config --spool ~/caired-spool --log-level debug",
         ],
     )
