@@ -221,17 +221,21 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def write_atomic(dir_fd: int, name: str, data: bytes | memoryview, *, mode: int = 0o660) -> None:
+def write_atomic(dir_fd: int, name: str, data: bytes | memoryview, *, mode: int | None = None) -> None:
     """Write ``data`` to ``name`` in the folder ``dir_fd`` so that a reader sees the old file or
     the whole new one: a temporary name in the same folder, fsync, rename over ``name``, fsync
     of the folder. On any OSError (a full disk: ENOSPC) the temporary file is removed and the
-    error raised. A symlink at ``name`` is replaced, never followed."""
+    error raised. A symlink at ``name`` is replaced, never followed. ``mode``: exactly these
+    permissions, whatever the umask (None: 0o660 less the umask)."""
     tmp = f".{name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
     if len(os.fsencode(tmp)) > NAME_MAX:
         tmp = f".{secrets.token_hex(8)}{TMP_SUFFIX}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o660 if mode is None else mode, dir_fd=dir_fd)
         try:
+            if mode is not None:
+                os.fchmod(fd, mode)
             write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -244,7 +248,7 @@ def write_atomic(dir_fd: int, name: str, data: bytes | memoryview, *, mode: int 
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes | memoryview, *, mode: int = 0o660) -> None:
+def write_bytes_atomic(path: Path, data: bytes | memoryview, *, mode: int | None = None) -> None:
     """``write_atomic`` by path, for a folder the caller owns."""
     with opened_dir(path.parent) as dir_fd:
         write_atomic(dir_fd, path.name, data, mode=mode)

@@ -147,6 +147,7 @@ FOLDERS: Final = ("incoming", "active", "done", "failed", "tmp")
 SOURCES: Final = frozenset({"drop", "camera", "record"})
 MOUNTINFO: Final = Path("/proc/self/mountinfo")
 
+OUTCOME_MODE: Final = 0o644  # result.json, error.json
 CONTROL_FILE_CAP: Final = 64 * 1024  # bytes a session, result or error file may have
 MAX_ATTEMPTS_RECORDED: Final = 10**9
 _NEW_PREFIX: Final = ".caired-new-"  # create_active() staging folders in tmp/
@@ -595,6 +596,11 @@ class Spool:
                 os.close(dir_fd)
                 return None
             folder = fsops.move_unique(incoming, name, active, name)
+            if not fsops.same_inode(dir_fd, folder, dir_fd=active):
+                # Its owner renamed it between our lock and our rename, which then moved whatever
+                # had taken the name: put that back where it was, untouched, and let this one go.
+                fsops.move_unique(active, folder, incoming, name)
+                raise FileNotFoundError(errno.ENOENT, "renamed by its owner while being claimed", shown(name))
         except BaseException as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -800,7 +806,8 @@ class Spool:
         claim._check_held()
         claim.in_attempt = False
         try:
-            fsops.write_atomic(claim.dir_fd, name, fsops.json_bytes(data))
+            # Readable by all who may enter the folder: its dropper reads her result (README, deploy).
+            fsops.write_atomic(claim.dir_fd, name, fsops.json_bytes(data), mode=OUTCOME_MODE)
         except OSError as exc:
             raise _spool_error("write", claim.path / name, exc,
                                "free space on the spool's filesystem or fix its permissions") from exc
@@ -1014,10 +1021,12 @@ class Spool:
         except OSError:
             return
         now = self._clock()
+        uid = os.geteuid()
         for entry in entries:
             try:
-                if now - entry.stat(follow_symlinks=False).st_mtime < _STAGING_GRACE:
-                    continue
+                st = entry.stat(follow_symlinks=False)
+                if st.st_uid != uid or now - st.st_mtime < _STAGING_GRACE:
+                    continue  # another user's (a dropper's name in tmp/), or still being built
                 dir_fd = fsops.open_dir(entry.name, dir_fd=tmp)
             except OSError:
                 continue

@@ -351,12 +351,6 @@ def test_nobody_can_swap_a_claimed_folder_or_plant_results(site: Site) -> None:
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    raises=PermissionError,
-    reason="the spool writes result.json 0660 under the unit's UMask=0007; the model needs it 0644 "
-    "(fsops.write_atomic(..., mode=0o644) with an fchmod, whatever the umask), so the owner of the folder reads it",
-)
 def test_a_dropper_reads_the_result_of_her_own_folder(site: Site) -> None:
     as_user(site.alice, stage, site.spool, "rec-a")
     as_user(site.service, service_streams, site.spool, "rec-a")

@@ -66,7 +66,7 @@ def test_each_key_is_explained_by_its_help_and_environment_names() -> None:
 
 def test_sample_paths_are_the_ones_the_unit_provides() -> None:
     unit = UNIT.read_text().splitlines()
-    assert "StateDirectory=caired" in unit
+    assert "ReadWritePaths=/var/lib/caired" in unit
     assert "LogsDirectory=caired" in unit
     cfg = Config.load(path=SAMPLE, env={})
     assert cfg.spool.dir == "/var/lib/caired"

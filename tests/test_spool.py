@@ -1211,3 +1211,27 @@ def test_session_file_validation_accepts_only_what_is_safe_to_use(data: Any) -> 
     assert isinstance(session["in_attempt"], bool) and session["source"] in spool_module.SOURCES
     spool_module.check_name(session["name"])  # a name the spool can move a folder to
     json.dumps(fsops.json_safe(session))  # and write back
+
+
+def test_a_folder_its_owner_renames_while_it_is_claimed_is_let_go(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between our lock and our rename the dropper renames her folder and puts another under
+    its name: the rename by name would take the other one. It goes back, and nothing is claimed."""
+    drop(spool, "s1")
+    real_move = fsops.move_unique
+    moves: list[str] = []
+
+    def renamed_first(src_dir: int, src: str, dst_dir: int, name: str) -> str:
+        if not moves:
+            os.rename(spool.incoming / "s1", spool.incoming / "s1-renamed")
+            make_folder(spool.incoming / "s1")  # someone else's, under the name we locked
+        moves.append(src)
+        return real_move(src_dir, src, dst_dir, name)
+
+    monkeypatch.setattr(fsops, "move_unique", renamed_first)
+    assert spool.claim("s1") is None
+    assert listing(spool.incoming) == ["s1", "s1-renamed"] and listing(spool.active) == []
+    assert not (spool.incoming / "s1" / SESSION_FILE).exists()  # the other folder was not touched
+    monkeypatch.undo()
+    assert spool.claim("s1-renamed") is not None  # the locked one is free again
