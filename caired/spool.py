@@ -143,6 +143,7 @@ PREVIOUS_RESULT_FILE: Final = "result.previous.json"
 INVALID_SESSION_FILE: Final = ".caired-session.invalid.json"
 LOCK_FILE: Final = ".caired-lock"  # its OFD lock says which process owns the folder
 INVALID_LOCK_FILE: Final = ".caired-lock.invalid"
+HOLD_MARKER: Final = ".caired-hold"  # an operator's hold (caired hold): the folder is never claimed
 FOLDERS: Final = ("incoming", "active", "done", "failed", "tmp")
 SOURCES: Final = frozenset({"drop", "camera", "record"})
 MOUNTINFO: Final = Path("/proc/self/mountinfo")
@@ -377,6 +378,7 @@ class Scan:
     ready: list[str]
     settle_in: float | None
     waiting: int = 0  # folders present but not ready
+    held: int = 0  # folders an operator holds (HOLD_MARKER)
 
 
 class Spool:
@@ -519,6 +521,7 @@ class Spool:
         now = self._clock()
         found: list[tuple[float, str]] = []
         waits: list[float] = []
+        held = 0
         present: set[str] = set()
         try:
             incoming = self._dir("incoming")
@@ -538,6 +541,9 @@ class Spool:
                     continue
                 check_name(name)
                 with fsops.opened_dir(name, dir_fd=incoming) as folder:
+                    if fsops.lexists(folder, HOLD_MARKER):
+                        held += 1
+                        continue
                     wait = self._settler.wait(folder, name, now)
                     mtime = os.fstat(folder).st_mtime
                 if wait > 0:
@@ -557,7 +563,7 @@ class Spool:
         with self._lock:
             self._ignored &= present
         found.sort()
-        return Scan([name for _, name in found], min(waits) if waits else None, waiting=len(waits))
+        return Scan([name for _, name in found], min(waits) if waits else None, waiting=len(waits), held=held)
 
     def _ignore_once(self, name: str, reason: str) -> None:
         with self._lock:
@@ -575,7 +581,9 @@ class Spool:
         Control files a dropper left in it are validated or set aside (see the module's
         docstring): the folder is then streamed like any other. A folder whose session file
         says it was being streamed when its process died counts one more crash, and with
-        ``max_crashes`` of them it is filed in failed/ (None).
+        ``max_crashes`` of them it is filed in failed/ (None). A folder an operator holds
+        (``HOLD_MARKER``, checked under the lock, so ``caired hold`` and a claim never cross) is
+        left where it is (None); ``scan`` does not offer it either.
         """
         check_name(name)
         incoming, active = self._dir("incoming"), self._dir("active")
@@ -593,6 +601,10 @@ class Spool:
             st = os.fstat(dir_fd)
             lock_fd = self._lock_folder(dir_fd, incoming, name, set_aside=True)
             if lock_fd is None:
+                os.close(dir_fd)
+                return None
+            if fsops.lexists(dir_fd, HOLD_MARKER):  # put on hold since the scan: not ours to take
+                os.close(lock_fd)
                 os.close(dir_fd)
                 return None
             folder = fsops.move_unique(incoming, name, active, name)
