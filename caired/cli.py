@@ -37,6 +37,12 @@ COMMANDS: Final = (
     "caired.commands.synth",
     "caired.commands.demo",
     "caired.commands.plot",
+    "caired.commands.queue",
+    "caired.commands.requeue",
+    "caired.commands.hold",
+    "caired.commands.release",
+    "caired.commands.delete",
+    "caired.commands.retry_now",
 )
 # Width of a command's description in its --help.
 HELP_WIDTH: Final = 79

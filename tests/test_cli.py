@@ -17,7 +17,8 @@ from caired import cli
 from caired.errors import ExitCode
 from tests.conftest import cli_env
 
-NAMES = ("stream", "run", "record", "check-config", "backend", "synth", "demo", "plot")
+NAMES = ("stream", "run", "record", "check-config", "backend", "synth", "demo", "plot",
+         "queue", "requeue", "hold", "release", "delete", "retry-now")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
