@@ -57,10 +57,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         examples=[
             "caired check-config --config /etc/caired/caired.toml",
             "caired check-config --spool ~/caired-spool --log-level debug",
+            "caired check-config --connect --config /etc/caired/caired.toml",
         ],
     )
     p.set_defaults(opens_log_file=False)  # checking the log file must not create it
     add_daemon_paths(p)
+    p.add_argument("--connect", action="store_true",
+                   help="also open a session handshake to the backend with the key, and close it (no frame sent)")
     add_common(p)
     p.add_argument("--unit", metavar="PATH", help="check the deployment of this systemd unit file "
                    "(default: the installed caired.service, when it runs the daemon on this --config)")
@@ -88,7 +91,26 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     for problem in found.problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
-    return int(ExitCode.CONFIG) if found.problems else int(ExitCode.OK)
+    if found.problems:
+        return int(ExitCode.CONFIG)
+    if getattr(args, "connect", False):
+        return _connect(cfg)
+    return int(ExitCode.OK)
+
+
+def _connect(cfg: Config) -> int:
+    """The --connect check: one line on stdout when the backend takes the key, on stderr when not."""
+    import trio
+
+    from caired.errors import SessionError
+    from caired.probe import probe
+
+    try:
+        print(f"backend: {trio.run(probe, cfg.backend)}")
+    except SessionError as err:
+        print(f"{PROG}: backend: {err.reason}", file=sys.stderr)
+        return int(err.exit_code)
+    return int(ExitCode.OK)
 
 
 def describe(cfg: Config) -> list[str]:
