@@ -5,6 +5,12 @@ Every line is rendered once as JSON; it goes to stdout (journald) and, when
 (O_APPEND), so lines from several processes never interleave. ``reopen()`` starts a
 new file after logrotate renamed the old one. The API key is replaced by ``***`` in
 every rendered line, whatever field it hid in.
+
+When stdout is the journal (``$JOURNAL_STREAM``, "DEVICE:INODE", names the very stream
+stdout is), each stdout line starts with the syslog priority ``<N>`` of its level, which
+journald strips and files as the entry's priority: ``journalctl -p warning`` then shows
+warnings and errors only, and ``journalctl -o cat`` still gives the bare JSON line. The
+log file never gets the prefix.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from caired.protocol import REDACTED, redact_url
 
 FIRST_KEYS: Final = ("timestamp", "level", "event")
 _LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# syslog priorities (sd-daemon(3)) by structlog level name
+PRIORITIES: Final = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2}
 
 
 class LineSink:
@@ -40,6 +48,7 @@ class LineSink:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._file_error: str | None = None
+        self._journal = not console and is_journal(stdout)
         self.before_console_line: Callable[[], None] | None = None
         if path:
             self._fd = _open_log(path)
@@ -79,6 +88,8 @@ class LineSink:
                         self.before_console_line()
                     text = self.redact(self._console(None, "", _for_console(event)))
                     self._stdout.write(_printable(text) + "\n")
+                elif self._journal:
+                    self._stdout.write(f"<{PRIORITIES.get(str(event.get('level')), 6)}>{line}")
                 else:
                     self._stdout.write(line)
                 self._stdout.flush()
@@ -237,6 +248,21 @@ def _open_log(path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         raise LogFileError(f"cannot open the log file {path}: {exc.strerror or exc} (log.file)") from None
+
+
+def is_journal(stream: IO[str], env: Mapping[str, str] | None = None) -> bool:
+    """Is ``stream`` connected to journald? ``$JOURNAL_STREAM`` is "DEVICE:INODE" of the stream
+    systemd connected; it is inherited by children whose stdout may be elsewhere, so the
+    stream's own device and inode must match (systemd.exec(5))."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    device, sep, inode = value.partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
 
 
 def _isatty(stream: IO[str]) -> bool:
