@@ -25,6 +25,7 @@ from caired.errors import FinishTimeout, NoFramesError, Retry, SessionError
 from caired.frames import EncodedFrame
 from caired.protocol import STATE_END, STATE_STREAM, Answer, message_parts, parse_answer
 from caired.sources import Feed
+from caired.stats import Stats
 from caired.uplink import classify_closed
 from caired.wire import send_text
 
@@ -60,6 +61,27 @@ class Tally:
     answers: int = 0
     hr: float | None = None
     started: float = 0.0
+    with_hr: int = 0  # answers that carried a heart rate
+    warmup: int = 0  # answers without one yet (hr -1 or missing): the model warming up
+    confidence: Any = None  # the last confidence / feedback an answer carried
+    feedback: Any = None
+
+    def count(self, answer: Answer) -> None:
+        self.answers += 1
+        if answer.hr is not None:
+            self.hr = answer.hr
+            self.with_hr += 1
+        elif answer.warming_up:
+            self.warmup += 1
+        if answer.confidence is not None:
+            self.confidence = answer.confidence
+        if answer.feedback is not None:
+            self.feedback = answer.feedback
+
+    def signal(self) -> dict[str, Any]:
+        """The signal quality summary result.json keeps."""
+        return {"answers_with_hr": self.with_hr, "warmup_answers": self.warmup,
+                "last_confidence": self.confidence, "last_feedback": self.feedback}
 
 
 @attrs.frozen
@@ -69,6 +91,7 @@ class Finished:
     sent: int
     skipped: int
     answers: int
+    signal: dict[str, Any] = attrs.field(factory=dict)  # Tally.signal()
 
 
 @attrs.define
@@ -109,17 +132,23 @@ async def stream(
     heartbeat: float = 0.0,
     tally: Tally | None = None,
     on_answer: Callable[[Answer], None] | None = None,
+    stats: Stats | None = None,
 ) -> Finished:
-    """Send every frame of ``feed`` and wait for ``finished``; raise a SessionError otherwise."""
+    """Send every frame of ``feed`` and wait for ``finished``; raise a SessionError otherwise.
+
+    ``stats``, when given, counts frames, bytes and answers as they go (the process's metrics).
+    """
     tally = tally if tally is not None else Tally()
     closing: tuple[int, str | None] = (GOING_AWAY, "going away")
+    stats = stats if stats is not None else Stats()
     try:
         async with open_nursery() as nursery:
             shared = _Shared(nursery.cancel_scope)
-            nursery.start_soon(_listen, ws, shared, tally, on_answer)
+            nursery.start_soon(_listen, ws, shared, tally, on_answer, stats)
             if heartbeat > 0:
                 nursery.start_soon(_heartbeat, ws, shared, heartbeat)
-            await _send(ws, feed, shared, tally, datapt_id=datapt_id, fps=fps, advanced=advanced, prefill=prefill)
+            await _send(ws, feed, shared, tally, stats, datapt_id=datapt_id, fps=fps, advanced=advanced,
+                        prefill=prefill)
             await trio.sleep(finish_timeout)  # ended early by finish() or fail()
             shared.fail(FinishTimeout(f"no 'finished' within {finish_timeout:g} s after the end message"))
         if shared.finished is not None:
@@ -130,11 +159,13 @@ async def stream(
                 sent=tally.sent,
                 skipped=feed.skipped,
                 answers=tally.answers,
+                signal=tally.signal(),
             )
         assert shared.failure is not None
         closing = shared.close_with
         raise shared.failure
     finally:
+        stats.frames_skipped += feed.skipped
         with trio.move_on_after(CLOSE_TIMEOUT if closing[0] == 1000 else ABANDON_TIMEOUT, shield=True):
             with contextlib.suppress(trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError):
                 await ws.aclose(*closing)
@@ -145,6 +176,7 @@ async def _send(
     feed: Feed,
     shared: _Shared,
     tally: Tally,
+    stats: Stats,
     *,
     datapt_id: str,
     fps: float,
@@ -175,11 +207,14 @@ async def _send(
         last = frame
         index += 1
         tally.sent, tally.skipped = index, feed.skipped
+        stats.frames_sent += 1
+        stats.bytes_sent += sum(map(len, message))
     assert last is not None
     message = message_parts(datapt_id, STATE_END, last.data, last.timestamp, advanced)
     if fps > 0:
         await trio.sleep_until(t0 + index / fps)
     await _send_one(ws, shared, message)
+    stats.bytes_sent += sum(map(len, message))
 
 
 async def _send_one(ws: Socket, shared: _Shared, message: tuple[bytes, bytes, bytes]) -> None:
@@ -191,7 +226,7 @@ async def _send_one(ws: Socket, shared: _Shared, message: tuple[bytes, bytes, by
 
 
 async def _listen(
-    ws: Socket, shared: _Shared, tally: Tally, on_answer: Callable[[Answer], None] | None
+    ws: Socket, shared: _Shared, tally: Tally, on_answer: Callable[[Answer], None] | None, stats: Stats
 ) -> None:
     while True:
         try:
@@ -200,7 +235,8 @@ async def _listen(
             shared.fail(classify_closed(exc.reason))
             return
         answer = parse_answer(message)
-        tally.answers += 1
+        tally.count(answer)
+        stats.answers += 1
         allowed = ANSWER_ALLOWANCE + ANSWERS_PER_FRAME * tally.sent
         if tally.answers > allowed:
             # A backend that answers far more than it is sent is flooding: each answer costs a log
@@ -209,7 +245,9 @@ async def _listen(
                                      retry=Retry.SESSION), close_with=(POLICY_VIOLATION, "too many messages"))
             return
         if answer.hr is not None:
-            tally.hr = answer.hr
+            stats.answers_with_hr += 1
+        elif answer.warming_up:
+            stats.answers_warmup += 1
         log.info("response", response_kind=answer.kind, response=answer.for_log())
         if on_answer is not None:
             on_answer(answer)

@@ -14,6 +14,11 @@ time). An answer is placed at the end of its rPPG window; an answer without a wi
 placed at its log time, shifted by the typical lag between frame time and log time of the
 answers that have both. With no rPPG at all, the axis counts from the first answer.
 
+Signal quality is marked on the heart-rate panel: an answer without an HR yet (``hr``
+-1 or missing: the model warming up) as a violet triangle on the panel's floor, an answer
+carrying ``feedback`` as a green tick on its ceiling; the title counts the warm-up
+answers and gives the last ``confidence`` and ``feedback``.
+
 Drawing is cv2 only, at twice the size and then downscaled, for smooth lines and text.
 """
 
@@ -35,7 +40,7 @@ import numpy.typing as npt
 
 from caired import fsops
 from caired.errors import InputError, NoFramesError, PlotWriteError
-from caired.protocol import Answer
+from caired.protocol import Answer, shown_signal
 
 Canvas = npt.NDArray[np.uint8]
 Colour = tuple[int, int, int]
@@ -54,6 +59,8 @@ _MUTED: Final[Colour] = (120, 120, 120)
 _PULSE: Final[Colour] = (70, 40, 200)
 _HR: Final[Colour] = (150, 95, 25)
 _FINAL: Final[Colour] = (0, 130, 240)
+WARMUP: Final[Colour] = (200, 110, 200)  # answers without an HR yet (violet)
+FEEDBACK: Final[Colour] = (60, 170, 60)  # answers carrying feedback (green)
 
 
 @attrs.frozen
@@ -65,6 +72,9 @@ class Reading:
     logged: float | None  # UNIX seconds of the log line
     values: tuple[float, ...] = ()  # the rPPG window ...
     stamps: tuple[float, ...] = ()  # ... and its timestamps
+    warmup: bool = False  # no HR yet: hr -1 or missing
+    confidence: Any = None  # the answer's confidence / feedback, when it carries any
+    feedback: Any = None
 
 
 @attrs.define
@@ -158,7 +168,34 @@ def render(session: SessionLog, *, size: tuple[int, int] = SIZE) -> Canvas:
         bottom.note("no heart rate in these answers yet")
     for point in finished:
         bottom.ring(point, _FINAL, 7)
+    quality_marks(bottom, session.readings, place)
     return np.asarray(cv2.resize(canvas, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+
+
+def quality_marks(panel: _Panel, readings: list[Reading], place: Callable[[Reading], float | None]) -> None:
+    """Warm-up answers on the panel's floor, answers with feedback on its ceiling."""
+    s = _SCALE
+    _, y0, x1, y1 = panel.box
+    for reading in readings:
+        x = place(reading)
+        if x is None or not panel.xlim[0] <= x <= panel.xlim[1]:
+            continue
+        px, _ = panel.px(x, panel.ylim[0])
+        if reading.warmup:
+            tip = np.array([[px, y1 - 12 * s], [px - 6 * s, y1 - 2 * s], [px + 6 * s, y1 - 2 * s]], np.int32)
+            cv2.fillPoly(panel.canvas, [tip], WARMUP, cv2.LINE_AA)
+        if reading.feedback is not None:
+            cv2.line(panel.canvas, (px, y0 + 2 * s), (px, y0 + 14 * s), FEEDBACK, 3 * s, cv2.LINE_AA)
+    notes = []
+    if any(r.warmup for r in readings):
+        notes.append(("warm-up: no HR yet", WARMUP))
+    if any(r.feedback is not None for r in readings):
+        notes.append(("feedback", FEEDBACK))
+    right = x1 - 8 * s
+    for text, colour in notes:
+        (w, _), _ = cv2.getTextSize(text, _FONT, 0.45 * s, s)
+        _text(panel.canvas, text, (right, y0 - 10 * s), 0.45, colour, "right")
+        right -= w + 16 * s
 
 
 def plot(log: Path, *, session: str | None = None, output: Path | None = None) -> tuple[Path, SessionLog]:
@@ -267,7 +304,9 @@ def _absorb(session: SessionLog, record: dict[str, Any]) -> None:
     answer = Answer("json", response)
     state = answer.state or ""
     values, stamps = _window(response.get("advanced"))
-    session.readings.append(Reading(state, answer.hr, _when(record.get("timestamp")), values, stamps))
+    session.readings.append(Reading(state, answer.hr, _when(record.get("timestamp")), values, stamps,
+                                    warmup=answer.warming_up, confidence=answer.confidence,
+                                    feedback=answer.feedback))
     if state == "finished" and answer.hr is not None:
         session.finished_hr = answer.hr
 
@@ -393,8 +432,16 @@ def _title(canvas: Canvas, session: SessionLog, *, samples: int, hr_answers: int
     else:
         _text(canvas, "no final HR", (width - 40 * s, 40 * s), 0.8, _MUTED, "right")
     answers = len(session.readings)
+    warmup = sum(r.warmup for r in session.readings)
     details = [f"datapt_id {session.datapt_id or '?'}",
-               f"{answers} answer{'s' if answers != 1 else ''} ({hr_answers} with HR)", f"{samples} rPPG samples"]
+               f"{answers} answer{'s' if answers != 1 else ''} ({hr_answers} with HR, {warmup} warm-up)",
+               f"{samples} rPPG samples"]
+    confidence = next((r.confidence for r in reversed(session.readings) if r.confidence is not None), None)
+    feedback = next((r.feedback for r in reversed(session.readings) if r.feedback is not None), None)
+    if confidence is not None:
+        details.append(f"confidence {shown_signal(confidence, 20)}")
+    if feedback is not None:
+        details.append(f"feedback {shown_signal(feedback, 24)}")
     if session.source:
         details.append(f"source {session.source}")
     if session.attempt is not None:

@@ -125,6 +125,27 @@ class Answer:
             return None
         return value
 
+    @property
+    def warming_up(self) -> bool:
+        """A JSON answer without a heart rate yet (hr missing, null or -1): the model warms up."""
+        return self.kind == "json" and isinstance(self.body, dict) and self.hr is None
+
+    @property
+    def confidence(self) -> Any:
+        """The answer's ``confidence`` when it carries any (not null, not empty), else None."""
+        return self._signal_field("confidence")
+
+    @property
+    def feedback(self) -> Any:
+        """The answer's ``feedback`` when it carries any (not null, not empty), else None."""
+        return self._signal_field("feedback")
+
+    def _signal_field(self, key: str) -> Any:
+        if self.kind != "json" or not isinstance(self.body, dict):
+            return None
+        value = self.body.get(key)
+        return None if value is None or value in ("", {}, []) else value
+
     def for_log(self) -> Any:
         """What goes under ``response`` in the log: the whole message, unfiltered, when within bounds.
 
@@ -136,6 +157,22 @@ class Answer:
         if self.kind == "invalid":
             return {"invalid": self.reason, "chars": self.size, "text": self.body}
         return self.body
+
+
+def shown_signal(value: Any, width: int = 32) -> str:
+    """A confidence or feedback value in a few characters: a number as such, a text quoted,
+    a one-number object as that number, anything else as compact JSON, cut to ``width``."""
+    if isinstance(value, dict) and len(value) == 1:
+        value = next(iter(value.values()))
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        except (ValueError, RecursionError):  # nested past the recursion limit: it came from the network
+            text = "…"
+    else:
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def parse_answer(message: str | bytes) -> Answer:

@@ -21,10 +21,11 @@ import structlog
 import trio
 
 from caired.attempt import Finished, Tally, stream
-from caired.config import Config
+from caired.config import BackendConfig, Config
 from caired.errors import BackendUnavailable, KeyRejected, NoFramesError, Retry, SessionError
 from caired.protocol import Answer
 from caired.sources import FrameSource
+from caired.stats import Stats
 from caired.uplink import Gate, connect, endpoint
 
 log = structlog.get_logger()
@@ -52,6 +53,7 @@ class Delivered:
             "started_at": _iso(self.started_at),
             "ended_at": _iso(self.ended_at),
             "hr": self.finished.hr,
+            "signal": self.finished.signal,
             "finished": self.finished.message,
             **extra,
         }
@@ -89,16 +91,21 @@ async def deliver(
     on_attempt_end: Callable[[], Any] | None = None,
     tally: Tally | None = None,
     on_answer: Callable[[Answer], None] | None = None,
+    stats: Stats | None = None,
+    backend: Callable[[], BackendConfig] | None = None,
 ) -> Delivered:
     """Stream ``source`` until ``finished``, trying again as ``limits`` allow.
 
     ``on_attempt(n)`` runs (in a worker thread) before attempt ``n``, ``on_attempt_end()``
     after it, however it ended short of the process dying. Raises the last SessionError
     when it cannot succeed by trying again or the limits are reached; NoFramesError when
-    nothing is left to send.
+    nothing is left to send. ``stats`` counts attempts, failures and traffic. ``backend``
+    gives the backend settings each new connection uses (the daemon's, which a reload may
+    change); by default ``cfg.backend``. A connection keeps what it opened with.
     """
     started = time.time()
-    target = endpoint(cfg.backend).shown
+    stats = stats if stats is not None else Stats()
+    current_backend = backend if backend is not None else (lambda: cfg.backend)
     connected_ever = False
     accepted_failures = 0
     attempt = first_attempt - 1
@@ -107,9 +114,10 @@ async def deliver(
         if on_attempt is not None:
             await trio.to_thread.run_sync(on_attempt, attempt)
         with structlog.contextvars.bound_contextvars(attempt=attempt):
+            stats.attempts += 1
             try:
-                finished = await _attempt(source, cfg=cfg, gate=gate, datapt_id=datapt_id, target=target,
-                                          tally=tally, on_answer=on_answer)
+                finished = await _attempt(source, cfg=cfg, backend=current_backend(), gate=gate, datapt_id=datapt_id,
+                                          tally=tally, on_answer=on_answer, stats=stats)
             except SessionError as err:
                 connected_ever = connected_ever or err.connected
                 if err.retry is Retry.SESSION:
@@ -117,6 +125,7 @@ async def deliver(
                 final = err.retry is Retry.NEVER or (limits.reject_is_final and isinstance(err, KeyRejected))
                 out_of_attempts = limits.attempts is not None and attempt - first_attempt + 1 >= limits.attempts
                 out_of_accepted = limits.accepted_failures is not None and accepted_failures >= limits.accepted_failures
+                stats.attempt_failed(err, retried=not (final or out_of_attempts or out_of_accepted))
                 if final or out_of_attempts or out_of_accepted:
                     log.error("session_failed", reason=err.reason, close_code=err.close_code, attempts=attempt)
                     if out_of_attempts and not final and not connected_ever:
@@ -133,7 +142,7 @@ async def deliver(
                     delay = gate.delay(accepted_failures)
                     log.warning("session_retry", reason=err.reason, close_code=err.close_code, delay=round(delay, 3),
                                 backoff=round(delay, 3), failures=accepted_failures)
-                    await trio.sleep(delay)
+                    await gate.backoff(trio.current_time() + delay)  # caired retry-now ends it early
                 else:
                     log.warning("session_retry", reason=err.reason, close_code=err.close_code,
                                 delay=round(max(0.0, gate.next_attempt - trio.current_time()), 3),
@@ -144,6 +153,7 @@ async def deliver(
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(on_attempt_end)
             gate.succeeded()
+            stats.succeeded(finished.hr)
             log.info("session_finished", hr=finished.hr, frames_sent=finished.sent, frames_skipped=finished.skipped,
                      answers=finished.answers, attempts=attempt, seconds=round(time.time() - started, 3))
             return Delivered(name=name, datapt_id=datapt_id, attempts=attempt, finished=finished,
@@ -154,19 +164,20 @@ async def _attempt(
     source: FrameSource,
     *,
     cfg: Config,
+    backend: BackendConfig,
     gate: Gate,
     datapt_id: str,
-    target: str,
     tally: Tally | None,
     on_answer: Callable[[Answer], None] | None,
+    stats: Stats,
 ) -> Finished:
     async with source.open() as feed:
         if await feed.first() is None:
             raise NoFramesError("no usable frame: every frame failed to read or decode")
-        async with gate.attempt() as turn, connect(cfg.backend) as ws:
+        async with gate.attempt() as turn, connect(backend) as ws:
             if tally is not None:
                 tally.total, tally.sent, tally.skipped = source.total, 0, 0
-            log.info("session_started", url=target, frames=source.total, format=cfg.stream.format,
+            log.info("session_started", url=endpoint(backend).shown, frames=source.total, format=cfg.stream.format,
                      fps=cfg.stream.fps, advanced=cfg.stream.advanced)
 
             def answered(answer: Answer) -> None:
@@ -185,4 +196,5 @@ async def _attempt(
                 heartbeat=cfg.backend.heartbeat,
                 tally=tally,
                 on_answer=answered,
+                stats=stats,
             )

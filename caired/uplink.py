@@ -198,6 +198,21 @@ class Gate:
     # A semaphore, not a lock: the listener task lets the others go when the first answer arrives.
     _probe: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(1))
     _state_changed: trio.Event = attrs.field(factory=trio.Event)
+    _retry_now: trio.Event = attrs.field(factory=trio.Event)
+
+    def retry_now(self) -> None:
+        """End every backoff wait at once: the next attempt goes now (``caired retry-now``).
+
+        The failure count is kept, so a backend still down backs off as before after this try.
+        """
+        self.next_attempt = 0.0
+        event, self._retry_now = self._retry_now, trio.Event()
+        event.set()
+
+    async def backoff(self, until: float) -> None:
+        """Sleep until ``until`` (trio time), or until ``retry_now()``, whichever comes first."""
+        with trio.move_on_at(until):
+            await self._retry_now.wait()
 
     def set_state(self, state: GateState) -> None:
         if state != self.state:
@@ -234,7 +249,7 @@ class Gate:
             if self.is_up():  # it came up while we waited: nothing to hold the others for
                 turn._let_go()
         try:
-            await trio.sleep_until(self.next_attempt)
+            await self.backoff(self.next_attempt)
             self.handshakes += 1
             yield turn
         except SessionError as err:
