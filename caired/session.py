@@ -114,7 +114,6 @@ async def deliver(
         if on_attempt is not None:
             await trio.to_thread.run_sync(on_attempt, attempt)
         with structlog.contextvars.bound_contextvars(attempt=attempt):
-            stats.attempts += 1
             try:
                 finished = await _attempt(source, cfg=cfg, backend=current_backend(), gate=gate, datapt_id=datapt_id,
                                           tally=tally, on_answer=on_answer, stats=stats)

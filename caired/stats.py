@@ -1,9 +1,9 @@
 """What this process did since it started, counted where it happens; ``metrics.py`` exports it.
 
-Plain numbers in the trio thread, no library and no locks: sessions, attempts and their
-failures by reason, frames, bytes and answers, the last success and HR, session durations
-in fixed buckets, reloads. Reading them from the trio thread (a scrape, the textfile
-writer) sees a consistent enough picture; nothing here blocks.
+Plain numbers in the trio thread, no library and no locks: sessions, failed attempts by
+reason, frames, bytes and answers, the last success and HR, session durations in fixed
+buckets, reloads (attempts themselves are the Gate's ``handshakes``). Reading them from the
+trio thread (a scrape, the text file writer) sees a consistent picture; nothing here blocks.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def failure_reason(err: SessionError) -> str:
 
 @attrs.define
 class Stats:
-    attempts: int = 0
     attempt_failures: Counter[str] = attrs.field(factory=Counter)  # by failure_reason
     retries: Counter[str] = attrs.field(factory=Counter)  # failed attempts tried again, by failure_reason
     frames_sent: int = 0
