@@ -281,6 +281,36 @@ class RecordConfig:
     )
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); ValueError says what is allowed."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9731 ('' = no HTTP endpoint)")
+    return host, int(port)
+
+
+def _listen(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+    if value:
+        listen_address(value)
+
+
+@attrs.frozen(kw_only=True)
+class MetricsConfig:
+    textfile: str = attrs.field(
+        default="",
+        metadata=_meta("Prometheus text file rewritten atomically every interval, e.g. for node_exporter ('' = none)"),
+    )
+    listen: str = attrs.field(
+        default="",
+        validator=_listen,
+        metadata=_meta("HOST:PORT serving /metrics and /health over HTTP ('' = none; keep it on localhost)"),
+    )
+    interval: float = attrs.field(
+        default=15.0, validator=_positive, metadata=_meta("seconds between rewrites of the text file")
+    )
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     backend: BackendConfig = attrs.field(factory=BackendConfig)
@@ -290,6 +320,7 @@ class Config:
     log: LogConfig = attrs.field(factory=LogConfig)
     camera: CameraConfig = attrs.field(factory=CameraConfig)
     record: RecordConfig = attrs.field(factory=RecordConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     # Where each effective value came from ("default", "file PATH", "env FPS", "flag --fps").
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
     # What deserves a look but stops nothing (a CAIRED_ variable that names no key), one line each.

@@ -12,8 +12,12 @@ Tasks, one owner each, all in one nursery:
   ends that session only;
 * the camera source (when enabled, ``live.py``) runs live sessions that are recorded
   into the spool as they are captured (store-and-forward), through the same lifecycle;
-* the signal task turns SIGTERM/SIGINT into cancelling the root scope, and SIGHUP into
-  reopening the log file;
+* the signal task turns SIGTERM/SIGINT into cancelling the root scope, SIGHUP into
+  reloading the configuration (``reload.py``) and reopening the log file, and SIGUSR1
+  into ending the backoff wait (``caired retry-now`` does that through a control file,
+  ``control.py``);
+* the metrics task writes the Prometheus text file and serves /metrics and /health
+  (``metrics.py``), when ``[metrics]`` asks for them;
 * the status task keeps systemd's STATUS= current; the watchdog task pets systemd.
 
 Shutdown is cancellation: sessions in flight close their sockets with 1001 and their
@@ -35,10 +39,14 @@ import trio
 
 from caired import logging as clog
 from caired.config import Config
+from caired.control import retry_now, serve_retry_requests
 from caired.errors import SpoolError
 from caired.frames import encode_workers
 from caired.fsops import shown
 from caired.lifecycle import SPOOL_RETRY, Context, Done, Sessions, run_session
+from caired.metrics import open_metrics_listeners, serve_metrics
+from caired.reload import Settings
+from caired.reload import reload as reload_settings
 from caired.session import Limits, deliver
 from caired.sources import FolderSource
 from caired.spool import Claim, Spool
@@ -56,11 +64,14 @@ async def serve(
     *,
     notifier: Notifier | None = None,
     spool_retry: float = SPOOL_RETRY,
+    reload: Callable[[], Config] | None = None,
     task_status: trio.TaskStatus[Context] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled (or SIGTERM/SIGINT); READY=1 once the spool is recovered and watched.
 
     ``spool_retry``: how long a folder the spool could not claim or file is left alone.
+    ``reload`` loads the configuration again as it was loaded at start (SIGHUP); without it,
+    SIGHUP only reopens the log file.
     """
     notifier = notifier or Notifier.from_env()
     spool = Spool.from_config(cfg.spool)
@@ -68,7 +79,7 @@ async def serve(
     recovered = await trio.to_thread.run_sync(spool.recover)
     ready = Ready()
     ctx = Context(
-        cfg=cfg,
+        settings=Settings(cfg),
         spool=spool,
         gate=Gate(cfg.retry),
         limiter=trio.CapacityLimiter(encode_workers()),
@@ -77,10 +88,13 @@ async def serve(
     )
     log.info("daemon_starting", spool=str(spool.root), recovered=len(recovered), max_sessions=cfg.spool.max_sessions,
              camera=cfg.camera.enabled, pid=os.getpid())
+    listeners = await open_metrics_listeners(cfg.metrics)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_signals, nursery.cancel_scope, notifier)
+            nursery.start_soon(_signals, nursery.cancel_scope, notifier, ctx, reload)
             await nursery.start(serve_watchdog, notifier)
+            await nursery.start(serve_metrics, ctx, listeners)
+            await nursery.start(serve_retry_requests, spool.incoming, ctx.gate)
             await nursery.start(functools.partial(watch, spool, ready, rescan_seconds=cfg.spool.rescan_seconds))
             nursery.start_soon(_dispatch, ctx, ready, nursery, spool_retry)
             if cfg.camera.enabled:
@@ -97,13 +111,24 @@ async def serve(
         log.info("daemon_stopped", finished=ctx.sessions.finished, failed=ctx.sessions.failed)
 
 
-async def _signals(scope: trio.CancelScope, notifier: Notifier) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+async def _signals(
+    scope: trio.CancelScope, notifier: Notifier, ctx: Context, reload: Callable[[], Config] | None
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                retry_now(ctx.gate, "SIGUSR1")
+                continue
             if signum == signal.SIGHUP:
                 notifier.reloading()
-                clog.reopen()
+                applied = None if reload is None else await reload_settings(ctx.settings, reload)
+                if applied is None:
+                    clog.reopen()  # a reload that is applied has reopened it with the new settings
+                else:
+                    ctx.gate.retry = ctx.cfg.retry
                 log.info("log_reopened")
+                if reload is not None:
+                    ctx.stats.reloaded(applied is not None)
                 notifier.ready()
                 continue
             log.info("daemon_stopping", signal=signal.Signals(signum).name)
@@ -167,7 +192,8 @@ async def run_folder_session(ctx: Context, claim: Claim) -> None:
             limits = Limits(accepted_failures=cfg.retry.session_attempts or None, reject_is_final=False)
             delivered = await deliver(source, cfg=cfg, gate=ctx.gate, name=claim.shown, datapt_id=claim.datapt_id,
                                       limits=limits, first_attempt=claim.attempts + 1,
-                                      on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt)
+                                      on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt,
+                                      stats=ctx.stats, backend=lambda: ctx.cfg.backend)
         return Done(delivered.result(source=claim.source, frames_ignored=source.ignored,
                                      frames_unreadable=sorted(source.skipped)))
 

@@ -26,7 +26,9 @@ import trio
 from caired import __version__
 from caired.config import Config
 from caired.errors import NoFramesError, SessionError, SpoolError
+from caired.reload import Settings
 from caired.spool import Claim, Spool
+from caired.stats import Stats
 from caired.uplink import Gate
 
 log = structlog.get_logger()
@@ -67,15 +69,21 @@ class Sessions:
 
 @attrs.frozen
 class Context:
-    """What every session of the daemon shares: read-only, created by the daemon."""
+    """What every session of the daemon shares, created by the daemon. ``cfg`` is the
+    configuration now (a reload may change it): a session reads it once, when it starts."""
 
-    cfg: Config
+    settings: Settings
     spool: Spool
     gate: Gate
     limiter: trio.CapacityLimiter
     sessions: Sessions
     # Called with the folder's name in incoming/ when the spool could not file it: try it later.
     hold_back: Callable[[str], None] = lambda _name: None
+    stats: Stats = attrs.field(factory=Stats)
+
+    @property
+    def cfg(self) -> Config:
+        return self.settings.cfg
 
 
 @attrs.frozen
@@ -107,15 +115,19 @@ async def run_session(
                                                  datapt_id=claim.datapt_id):
         ctx.sessions._started(claim)
         outcome: str | None = None
+        error_type: str | None = None
+        started = time.monotonic()
         try:
             try:
                 result = await stream()
             except (NoFramesError, SessionError) as err:
+                error_type = type(err).__name__
                 outcome = await _file_failure(spool, claim, err, bug=False)
                 return
             except SpoolError:
                 raise
             except Exception as err:
+                error_type = type(err).__name__
                 outcome = await _file_failure(spool, claim, err, bug=True)
                 return
             with _last_attempt(claim):
@@ -132,6 +144,7 @@ async def run_session(
                       exc_info=True)
         finally:
             ctx.sessions._ended(claim, outcome)
+            ctx.stats.session_ended(outcome, error_type=error_type, seconds=time.monotonic() - started)
             if claim.held:  # not filed: shutdown, or the spool could not be written
                 with trio.move_on_after(CLEANUP_DEADLINE, shield=True), _last_attempt(claim):
                     await trio.to_thread.run_sync(_put_back, spool, claim, on_shutdown, abandon_on_cancel=True)

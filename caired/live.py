@@ -74,6 +74,7 @@ async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChan
             nursery.start_soon(_record, claim, frames, live_send if go_live else None, counts, ctx.limiter)
             if go_live:
                 delivered = await _stream_live(ctx, claim, live_receive)
+        ctx.stats.live_dropped += counts.live_dropped
         log.info("camera_session_recorded", frames=counts.recorded, live_dropped=counts.live_dropped,
                  streamed_live=delivered is not None)
         if counts.recorded == 0:
@@ -137,7 +138,8 @@ async def _stream_live(
         try:
             return await deliver(source, cfg=cfg, gate=ctx.gate, name=claim.shown, datapt_id=claim.datapt_id,
                                  limits=Limits(attempts=1), first_attempt=claim.attempts + 1,
-                                 on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt)
+                                 on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt,
+                                 stats=ctx.stats)
         except (SessionError, NoFramesError) as err:
             if isinstance(err, SessionError) and err.retry is Retry.NEVER and err.close_code is not None:
                 raise  # the backend refused this session's frames: streaming the recording again sends the same

@@ -161,6 +161,11 @@ def configure(
     return sink
 
 
+def reconfigure(cfg: Config, *, secrets: tuple[str, ...] = ()) -> LineSink:
+    """``configure`` again with new settings (a reload), writing to the same stdout as before."""
+    return configure(cfg, stdout=_sink._stdout if _sink is not None else None, secrets=secrets)
+
+
 def reopen() -> None:
     if _sink is not None:
         _sink.reopen()

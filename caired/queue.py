@@ -562,3 +562,18 @@ def _who() -> str:
         user = str(os.getuid())
     return f"{user}@{socket.gethostname()} pid {os.getpid()}"
 
+
+
+def count_held(root: Path) -> int:
+    """Folders of incoming/ on hold (for the metrics); 0 when incoming/ cannot be read."""
+    held = 0
+    try:
+        with fsops.opened_dir(root / "incoming") as incoming:
+            for dirent in os.scandir(incoming):
+                if dirent.name.startswith(".") or not dirent.is_dir(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(OSError), fsops.opened_dir(dirent.name, dir_fd=incoming) as folder:
+                    held += fsops.lexists(folder, HOLD_MARKER)
+    except OSError:
+        return 0
+    return held

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import trio
 
-from caired.cli import add_common, add_daemon_paths, command
+from caired.cli import add_common, add_daemon_paths, command, config_flags
 from caired.config import Config
 
 
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             it in done/ with its result.json, or in failed/ with its error.json; with [camera]
             enabled, also stream live camera sessions. Connection problems are retried without
             limit. SIGTERM or Ctrl-C stops within seconds and puts sessions in flight back into
-            incoming/; SIGHUP reopens the log file.
+            incoming/; SIGHUP reloads the backend, retry and log-level settings and reopens the
+            log file; SIGUSR1 ends the backoff wait (as caired retry-now does).
         """,
         examples=[
             "caired run --config /etc/caired/caired.toml",
@@ -36,5 +38,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _main(cfg: Config, args: argparse.Namespace) -> int:
     from caired.daemon import serve
 
-    trio.run(serve, cfg)
+    def reload() -> Config:  # SIGHUP: the same file, environment and flags as now
+        return Config.load(path=getattr(args, "config", None), flags=config_flags(args.command_parser, args))
+
+    trio.run(functools.partial(serve, cfg, reload=reload))
     return 0
