@@ -58,11 +58,11 @@ from caired.errors import CairedError, SpoolError
 from caired.fsops import GONE, shown
 from caired.settle import READY_MARKER, Settler
 from caired.spool import (
-    _NEW_PREFIX,  # a folder being deleted is staged like a recording being built: recovery cleans both
     CONTROL_FILE_CAP,
     ERROR_FILE,
     HOLD_MARKER,
     LOCK_FILE,
+    NEW_PREFIX,  # a folder being deleted is staged like a recording being built: recovery cleans both
     PREVIOUS_ERROR_FILE,
     RESULT_FILE,
     SESSION_FILE,
@@ -518,7 +518,7 @@ def delete(root: Path, given: str, *, force: bool = False) -> str:
         what = "has not been streamed yet" if where.room == "incoming" else "is in active/"
         raise Refused(f"{label} {what}; add --force to delete it all the same", EX_DATAERR)
     with _locked(root, where) as held:
-        staging = f"{_NEW_PREFIX}deleted-{uuid.uuid4().hex}"
+        staging = f"{NEW_PREFIX}deleted-{uuid.uuid4().hex}"
         try:
             with fsops.opened_dir(root / "tmp") as tmp:
                 fsops.rename_noreplace(held.room_fd, where.name, tmp, staging)

@@ -151,7 +151,7 @@ MOUNTINFO: Final = Path("/proc/self/mountinfo")
 OUTCOME_MODE: Final = 0o644  # result.json, error.json
 CONTROL_FILE_CAP: Final = 64 * 1024  # bytes a session, result or error file may have
 MAX_ATTEMPTS_RECORDED: Final = 10**9
-_NEW_PREFIX: Final = ".caired-new-"  # create_active() staging folders in tmp/
+NEW_PREFIX: Final = ".caired-new-"  # create_active() staging folders in tmp/
 _STAGING_GRACE: Final = 60.0  # seconds a staging folder is left alone: its builder locks it in microseconds
 # Read-write: NFS grants a write lock only on a file open for writing. No symlinks followed, no FIFO waited on.
 _LOCK_FILE_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -666,7 +666,7 @@ class Spool:
         renamed in, so no other process ever sees it in active/ unlocked."""
         check_name(name)
         tmp, active = self._dir("tmp"), self._dir("active")
-        staging = f"{_NEW_PREFIX}{uuid.uuid4().hex}"
+        staging = f"{NEW_PREFIX}{uuid.uuid4().hex}"
         dir_fd: int | None = None
         lock_fd: int | None = None
         try:
@@ -1029,7 +1029,7 @@ class Spool:
         """
         try:
             tmp = self._dir("tmp")
-            entries = [e for e in os.scandir(tmp) if e.name.startswith(_NEW_PREFIX)]
+            entries = [e for e in os.scandir(tmp) if e.name.startswith(NEW_PREFIX)]
         except OSError:
             return
         now = self._clock()

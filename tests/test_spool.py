@@ -683,7 +683,7 @@ def test_a_folder_that_cannot_be_recovered_does_not_stop_the_others(spool: Spool
     else:
         (bad / LOCK_FILE).symlink_to(spool.root / "elsewhere")
     make_folder(spool.active / "orphan")
-    staging = spool.tmp / f"{spool_module._NEW_PREFIX}dead"
+    staging = spool.tmp / f"{spool_module.NEW_PREFIX}dead"
     staging.mkdir()
     old = time.time() - 3600
     os.utime(staging, (old, old))
@@ -966,7 +966,7 @@ def test_create_active_takes_a_free_name(spool: Spool) -> None:
 
 
 def test_recover_removes_abandoned_staging(spool: Spool) -> None:
-    dead = spool.tmp / f"{spool_module._NEW_PREFIX}dead"
+    dead = spool.tmp / f"{spool_module.NEW_PREFIX}dead"
     dead.mkdir()
     old = time.time() - 3600
     os.utime(dead, (old, old))
@@ -976,7 +976,7 @@ def test_recover_removes_abandoned_staging(spool: Spool) -> None:
 
 
 def test_recover_keeps_staging_being_built_and_removes_it_once_its_builder_is_gone(spool: Spool) -> None:
-    staging = spool.tmp / f"{spool_module._NEW_PREFIX}building"
+    staging = spool.tmp / f"{spool_module.NEW_PREFIX}building"
     make_folder(staging / "sub")
     (staging / SESSION_FILE).write_text("{}")
     fd = lock_elsewhere(staging)
@@ -994,7 +994,7 @@ def test_recover_keeps_staging_being_built_and_removes_it_once_its_builder_is_go
 
 def test_recover_leaves_a_young_unlocked_staging_folder_to_its_builder(spool: Spool, clock: FakeClock) -> None:
     """Between create_active's mkdir and its lock, the folder is unlocked; a cleaner must not take it."""
-    staging = spool.tmp / f"{spool_module._NEW_PREFIX}just-made"
+    staging = spool.tmp / f"{spool_module.NEW_PREFIX}just-made"
     staging.mkdir()
     clock.now = staging.stat().st_mtime + 1
     spool.recover()

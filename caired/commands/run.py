@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import signal
 
 import trio
 
@@ -41,5 +42,10 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
     def reload() -> Config:  # SIGHUP: the same file, environment and flags as now
         return Config.load(path=getattr(args, "config", None), flags=config_flags(args.command_parser, args))
 
+    # SIGUSR1 (retry now) and SIGHUP (reload) must not kill a daemon that has not yet installed
+    # its own handlers (their default action is to terminate): ignored until the signal task
+    # takes them, which is before READY=1.
+    for signum in (signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     trio.run(functools.partial(serve, cfg, reload=reload))
     return 0
