@@ -1,10 +1,15 @@
-"""The camera source, with a video file (or a fake capture object) as the camera; real time, short runs."""
+"""The camera source, with a video file (or a fake capture object) as the camera, on trio's MockClock.
+
+Every test runs in virtual time (the ``virtual`` fixture): the device's reads and opens run
+inline instead of in worker threads, and a frame's capture time is read from the MockClock,
+so the schedule is exact: frame counts, capture times 1/fps apart, durations.
+"""
 
 from __future__ import annotations
 
 import re
-import statistics
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
@@ -14,6 +19,7 @@ import numpy as np
 import pytest
 import structlog
 import trio
+import trio.testing
 from structlog.testing import capture_logs
 
 from caired import camera
@@ -22,7 +28,35 @@ from caired.config import CameraConfig
 from caired.errors import DeviceError
 from tests.conftest import write_video
 
+T0_NS = 1747154380 * 10**9
 TIMESTAMP = re.compile(r"^\d+\.\d{7}$")
+
+
+class VirtualWallClock:
+    """The camera module's ``time``, except that ``time_ns`` (a frame's capture time) reads the MockClock."""
+
+    def __init__(self, clock: trio.testing.MockClock) -> None:
+        self._clock = clock
+
+    def time_ns(self) -> int:
+        return T0_NS + round(self._clock.current_time() * 1e9)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def virtual(autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> trio.testing.MockClock:
+    """Virtual time for every test here: device calls inline (a worker thread would let the
+    clock jump past a pending deadline while it runs), capture times from the MockClock."""
+
+    async def inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    monkeypatch.setattr(camera, "time", VirtualWallClock(autojump_clock))
+    return autojump_clock
 SESSION = re.compile(r"^cam-\d{8}T\d{6}-\d{3}$")
 
 
@@ -85,7 +119,7 @@ def test_session_name() -> None:
     assert SESSION.match(session_name(1747154380.0))
 
 
-async def test_capture_is_paced_with_increasing_timestamps(tmp_path: Path) -> None:
+async def test_capture_is_paced_with_increasing_timestamps(virtual: trio.testing.MockClock, tmp_path: Path) -> None:
     video = write_video(tmp_path / "cam.avi")
     cfg = CameraConfig(device=str(video), fps=20)
     send, receive = trio.open_memory_channel[CapturedFrame](64)
@@ -93,19 +127,17 @@ async def test_capture_is_paced_with_increasing_timestamps(tmp_path: Path) -> No
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(capture, cfg, send, seconds=1.0, stats=stats))
         frames = await collect(receive)
-    assert 18 <= len(frames) <= 21
+    assert len(frames) == 20  # one per 1/20 s slot of the second
     assert stats.captured == stats.sent == len(frames)
-    assert stats.dropped == 0
+    assert stats.dropped == stats.late == 0
     assert all(TIMESTAMP.match(f.timestamp) for f in frames)
-    stamps = [seconds(f) for f in frames]
-    assert all(a < b for a, b in pairwise(stamps))
-    spacing = statistics.median(b - a for a, b in pairwise(stamps))
-    assert spacing == pytest.approx(1 / 20, rel=0.2)
+    ticks = [int(f.timestamp.replace(".", "")) for f in frames]  # 100 ns ticks, as named
+    assert [b - a for a, b in pairwise(ticks)] == [500_000] * 19  # exactly 1/20 s apart
     assert frames[0].image.shape == (48, 64, 3) and frames[0].image.dtype == np.uint8
-    assert stats.seconds == pytest.approx(1.0, abs=0.15)
+    assert stats.seconds == pytest.approx(1.0, abs=1e-9)
 
 
-async def test_video_file_replays_at_its_end(tmp_path: Path) -> None:
+async def test_video_file_replays_at_its_end(virtual: trio.testing.MockClock, tmp_path: Path) -> None:
     video = write_video(tmp_path / "short.avi", frames=8)
     cfg = CameraConfig(device=str(video), fps=30)
     send, receive = trio.open_memory_channel[CapturedFrame](64)
@@ -114,8 +146,8 @@ async def test_video_file_replays_at_its_end(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(collect_into, receive, received)
         await capture(cfg, send, seconds=0.8, stats=stats)
-    assert len(received) > 16  # more than twice the file's 8 frames
-    assert stats.restarts >= 2
+    assert len(received) == 24  # 0.8 s at 30 fps: three times the file's 8 frames
+    assert stats.restarts == 2
     means = [round(float(f.image.mean())) for f in received[:8]]
     assert len(set(means)) > 4  # the frames differ: it is the video, not one frame repeated
 
@@ -124,7 +156,7 @@ async def collect_into(receive: trio.MemoryReceiveChannel[CapturedFrame], into: 
     into.extend(await collect(receive))
 
 
-async def test_full_channel_drops_frames_and_counts_them(tmp_path: Path) -> None:
+async def test_full_channel_drops_frames_and_counts_them(virtual: trio.testing.MockClock, tmp_path: Path) -> None:
     video = write_video(tmp_path / "cam.avi")
     cfg = CameraConfig(device=str(video), fps=20)
     send, receive = trio.open_memory_channel[CapturedFrame](1)
@@ -134,14 +166,15 @@ async def test_full_channel_drops_frames_and_counts_them(tmp_path: Path) -> None
         await trio.sleep(0.8)  # nobody reads: the channel holds one frame, the rest are dropped
         frames = await collect(receive)
     assert len(frames) == 1
-    assert stats.captured >= 9
-    assert stats.dropped == stats.captured - 1
+    assert stats.captured == 12  # 0.6 s at 20 fps
+    assert stats.dropped == 11
 
 
-async def test_camera_that_stops_delivering_raises_and_closes_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_camera_that_stops_delivering_raises_and_closes_channel(
+    virtual: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeCapture(frames=5)
     monkeypatch.setattr(camera, "open_device", lambda *args: fake)
-    monkeypatch.setattr(camera, "STALL_SECONDS", 0.3)
     send, receive = trio.open_memory_channel[CapturedFrame](64)
     stats = CaptureStats()
     failures: list[DeviceError] = []
@@ -154,16 +187,17 @@ async def test_camera_that_stops_delivering_raises_and_closes_channel(monkeypatc
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
-        with trio.fail_after(2):
-            received = await collect(receive)  # ends on EndOfChannel: the failed capture closed it
+        received = await collect(receive)  # ends on EndOfChannel: the failed capture closed it
+        stalled_at = trio.current_time()
     assert len(failures) == 1
+    assert stalled_at == pytest.approx(0.2 + camera.STALL_SECONDS, abs=0.051)  # last frame at 0.2 s
     assert str(failures[0]).startswith("camera 0 stopped delivering frames")
     assert len(received) == 5  # the consumer got every frame, then EndOfChannel
-    assert stats.read_failures >= 3
+    assert stats.read_failures == pytest.approx(camera.STALL_SECONDS * 20, abs=1)  # every slot since
     assert fake.released
 
 
-async def test_deleted_video_file_fails_at_its_end(tmp_path: Path) -> None:
+async def test_deleted_video_file_fails_at_its_end(virtual: trio.testing.MockClock, tmp_path: Path) -> None:
     video = write_video(tmp_path / "gone.avi", frames=6)
     send, receive = trio.open_memory_channel[CapturedFrame](64)
     received: list[CapturedFrame] = []
@@ -181,21 +215,23 @@ async def test_deleted_video_file_fails_at_its_end(tmp_path: Path) -> None:
     assert len(received) == 6
 
 
-async def test_cancelled_capture_releases_device_and_closes_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cancelled_capture_releases_device_and_closes_channel(
+    virtual: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = FakeCapture(frames=10_000)
     monkeypatch.setattr(camera, "open_device", lambda *args: fake)
     send, receive = trio.open_memory_channel[CapturedFrame](64)
-    with trio.move_on_after(0.3):
+    with trio.move_on_after(0.29):
         await capture(CameraConfig(device="0", fps=20), send, seconds=None)
     assert fake.released
-    assert 4 <= len(await collect(receive)) <= 8  # then EndOfChannel: the channel was closed
+    assert len(await collect(receive)) == 6  # 0, 0.05 ... 0.25 s; then EndOfChannel: the channel was closed
 
 
 def _events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
 
 
-async def test_run_camera_back_to_back_sessions_keep_device_open(
+async def test_run_camera_back_to_back_sessions_keep_device_open(virtual: trio.testing.MockClock,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     video = write_video(tmp_path / "cam.avi")
@@ -227,7 +263,7 @@ async def test_run_camera_back_to_back_sessions_keep_device_open(
     assert len(opened) == 1  # no interval: the device stayed open between sessions
     names = [name for name, _ in sessions]
     assert all(SESSION.match(name) for name in names) and len(set(names)) == 3
-    assert all(6 <= len(frames) <= 9 for _, frames in sessions)
+    assert [len(frames) for _, frames in sessions] == [8, 8, 8]  # 0.4 s at 20 fps each
     stamps = [seconds(f) for _, frames in sessions for f in frames]
     assert all(a < b for a, b in pairwise(stamps))
     captured = _events(logs, "camera_session_captured")
@@ -239,7 +275,7 @@ async def test_run_camera_back_to_back_sessions_keep_device_open(
     assert not _events(logs, "camera_frames_dropped")
 
 
-async def test_run_camera_waits_for_a_missing_device(tmp_path: Path) -> None:
+async def test_run_camera_waits_for_a_missing_device(virtual: trio.testing.MockClock, tmp_path: Path) -> None:
     video = tmp_path / "later.avi"
     cfg = CameraConfig(device=str(video), fps=20, session_seconds=0.3)
     sessions: list[list[CapturedFrame]] = []
@@ -252,13 +288,11 @@ async def test_run_camera_waits_for_a_missing_device(tmp_path: Path) -> None:
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with trio.open_nursery() as nursery:
             # started() comes after the first attempt, even though the device is missing
-            with trio.fail_after(1):
-                await nursery.start(lambda task_status: run_camera(
-                    cfg, on_session, retry_initial=0.1, retry_max=0.2, task_status=task_status))
+            await nursery.start(lambda task_status: run_camera(
+                cfg, on_session, retry_initial=0.1, retry_max=0.2, task_status=task_status))
             await trio.sleep(0.5)  # several attempts fail meanwhile
             write_video(tmp_path / "writing.avi").rename(video)
-            with trio.fail_after(2):
-                await done.wait()
+            await done.wait()
             nursery.cancel_scope.cancel()
 
     unavailable = _events(logs, "camera_unavailable")
@@ -266,14 +300,16 @@ async def test_run_camera_waits_for_a_missing_device(tmp_path: Path) -> None:
     assert "does not exist" in unavailable[0]["reason"]
     assert len(_events(logs, "camera_available")) == 1
     assert logs.index(unavailable[0]) < logs.index(_events(logs, "camera_available")[0])
-    assert 4 <= len(sessions[0]) <= 7
+    assert len(sessions[0]) == 6  # 0.3 s at 20 fps
 
 
-async def test_run_camera_device_failure_ends_session_and_reopens(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_run_camera_device_failure_ends_session_and_reopens(
+    virtual: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fakes = [FakeCapture(frames=3), FakeCapture(frames=10_000)]
     monkeypatch.setattr(camera, "open_device", lambda *args: fakes.pop(0))
-    monkeypatch.setattr(camera, "STALL_SECONDS", 0.1)
-    cfg = CameraConfig(device="0", fps=20, session_seconds=0.5)
+    # Sessions longer than the stall: the first one ends when its device stops delivering.
+    cfg = CameraConfig(device="0", fps=20, session_seconds=camera.STALL_SECONDS + 1)
     sessions: list[list[CapturedFrame]] = []
     done = trio.Event()
 
@@ -285,12 +321,11 @@ async def test_run_camera_device_failure_ends_session_and_reopens(monkeypatch: p
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: run_camera(cfg, on_session, retry_initial=0.05))
-            with trio.fail_after(3):
-                await done.wait()
+            await done.wait()
             nursery.cancel_scope.cancel()
 
     assert len(sessions[0]) == 3
-    assert 8 <= len(sessions[1]) <= 11
+    assert len(sessions[1]) == cfg.session_seconds * 20  # a whole session on the reopened device
     assert [e["event"] for e in logs if e["event"].startswith("camera_")][:5] == [
         "camera_available", "camera_session_captured", "camera_unavailable", "camera_available",
         "camera_session_captured",
@@ -299,7 +334,7 @@ async def test_run_camera_device_failure_ends_session_and_reopens(monkeypatch: p
     assert _events(logs, "camera_session_captured")[0]["complete"] is False
 
 
-async def test_run_camera_logs_drops_per_session_and_releases_during_interval(
+async def test_run_camera_logs_drops_per_session_and_releases_during_interval(virtual: trio.testing.MockClock,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     video = write_video(tmp_path / "cam.avi")
@@ -327,8 +362,7 @@ async def test_run_camera_logs_drops_per_session_and_releases_during_interval(
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: run_camera(cfg, slow_consumer, channel_size=2))
-            with trio.fail_after(3):
-                await done.wait()
+            await done.wait()
             nursery.cancel_scope.cancel()
 
     assert opened == 2  # with an interval, the device is released between sessions
@@ -336,5 +370,5 @@ async def test_run_camera_logs_drops_per_session_and_releases_during_interval(
     captured = _events(logs, "camera_session_captured")[:2]
     assert [d["count"] for d in dropped] == [c["dropped"] for c in captured]
     assert [c["captured"] - c["dropped"] for c in captured] == [2, 2]  # what the channel held
-    assert min(c["dropped"] for c in captured) > 0
+    assert [c["captured"] for c in captured] == [6, 6]  # 0.3 s at 20 fps
     assert dropped[0]["session"] == captured[0]["session"] != captured[1]["session"]
