@@ -432,6 +432,10 @@ def _read_toml(path: Path, named_by: str) -> dict[str, Any]:
         problem = "cannot be read (permission denied)"
     except tomllib.TOMLDecodeError as exc:
         problem = f"is not valid TOML: {exc}"
+    except UnicodeDecodeError:
+        problem = "is not valid TOML: it is not UTF-8 text"
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror or exc}"
     raise ConfigErrors([ConfigError(named_by, str(path), problem)])
 
 

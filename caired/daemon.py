@@ -40,7 +40,7 @@ import trio
 from caired import logging as clog
 from caired.config import Config
 from caired.control import retry_now, serve_retry_requests
-from caired.errors import SpoolError
+from caired.errors import CairedError, SpoolError
 from caired.frames import encode_workers
 from caired.fsops import shown
 from caired.lifecycle import SPOOL_RETRY, Context, Done, Sessions, run_session
@@ -114,27 +114,49 @@ async def serve(
 async def _signals(
     scope: trio.CancelScope, notifier: Notifier, ctx: Context, reload: Callable[[], Config] | None
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as signals:
+    wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+    with trio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
-            if signum == signal.SIGUSR1:
-                retry_now(ctx.gate, "SIGUSR1")
-                continue
-            if signum == signal.SIGHUP:
-                notifier.reloading()
-                applied = None if reload is None else await reload_settings(ctx.settings, reload)
-                if applied is None:
-                    clog.reopen()  # a reload that is applied has reopened it with the new settings
-                else:
-                    ctx.gate.retry = ctx.cfg.retry
-                log.info("log_reopened")
-                if reload is not None:
-                    ctx.stats.reloaded(applied is not None)
-                notifier.ready()
-                continue
-            log.info("daemon_stopping", signal=signal.Signals(signum).name)
-            notifier.stopping()
-            scope.cancel()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("daemon_stopping", signal=signal.Signals(signum).name)
+                notifier.stopping()
+                scope.cancel()
+                return
+            try:  # what a signal asks for may fail; it never ends the daemon
+                await _on_signal(signum, notifier, ctx, reload)
+            except Exception as err:
+                log.error("internal_error", where=f"handling {signal.Signals(signum).name}",
+                          error_type=type(err).__name__, reason=str(err), exc_info=True)
+
+
+async def _on_signal(signum: int, notifier: Notifier, ctx: Context, reload: Callable[[], Config] | None) -> None:
+    """SIGUSR1: retry now. SIGUSR2 (logrotate): reopen the log file. SIGHUP (systemctl reload):
+    reload the configuration, which reopens the log file too."""
+    if signum == signal.SIGUSR1:
+        retry_now(ctx.gate, "SIGUSR1")
+        return
+    if signum == signal.SIGUSR2 or reload is None:
+        try:
+            clog.reopen()
+        except CairedError as err:  # the old file stays open: nothing is lost
+            log.error("log_reopen_failed", reason=str(err))
             return
+        log.info("log_reopened")
+        return
+    notifier.reloading()
+    try:
+        applied = await reload_settings(ctx.settings, reload)
+        if applied is None:
+            try:
+                clog.reopen()
+            except CairedError as err:
+                log.error("log_reopen_failed", reason=str(err))
+        else:
+            ctx.gate.retry = ctx.cfg.retry
+        log.info("log_reopened")
+        ctx.stats.reloaded(applied is not None)
+    finally:
+        notifier.ready()
 
 
 async def _dispatch(ctx: Context, ready: Ready, nursery: trio.Nursery, spool_retry: float) -> None:

@@ -139,11 +139,12 @@ def configure(
     stdout = stdout or sys.stdout
     fmt = cfg.log.format
     console = fmt == "console" or (fmt == "auto" and _isatty(stdout))
-    if _sink is not None:
-        _sink.close()
+    # The new sink first: if its file cannot be opened, the old one goes on writing.
     sink = LineSink(
         stdout=stdout, console=console, path=cfg.log.file, secrets=(cfg.api_key(), *secrets)
     )
+    if _sink is not None:
+        _sink.close()
     _sink = sink
     structlog.configure(
         processors=[
@@ -169,6 +170,13 @@ def reconfigure(cfg: Config, *, secrets: tuple[str, ...] = ()) -> LineSink:
 def reopen() -> None:
     if _sink is not None:
         _sink.reopen()
+
+
+def redact(text: str) -> str:
+    """``text`` with the key (the configured one and any ``api_key=`` value) replaced by ``***``:
+    for what leaves the log's way, such as error.json."""
+    text = redact_url(text)
+    return _sink.redact(text) if _sink is not None else text
 
 
 def console_write(out: TextIO, text: str) -> None:

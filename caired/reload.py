@@ -66,10 +66,11 @@ async def reload(settings: Settings, load: Callable[[], Config]) -> list[str] | 
     change; the keys changed, or None when the new configuration is invalid (then nothing changed)."""
     old = settings.cfg
     try:
-        new = await trio.to_thread.run_sync(load)
-    except CairedError as err:
+        new = await trio.to_thread.run_sync(load, abandon_on_cancel=True)
+    except Exception as err:  # a config error, or anything reading the files raised: keep what runs
         reasons = str(err).splitlines() or [type(err).__name__]
-        log.error("config_reload_failed", reason="; ".join(reasons), kept="the configuration in use")
+        log.error("config_reload_failed", reason="; ".join(reasons), kept="the configuration in use",
+                  error_type=type(err).__name__)
         return None
     changed = changed_keys(old, new)
     applied = [k for k in changed if k.startswith(RELOADABLE)]
@@ -77,7 +78,12 @@ async def reload(settings: Settings, load: Callable[[], Config]) -> list[str] | 
     if ignored:
         log.warning("config_reload_partial", needs_restart=ignored, reason="these keys change only on a restart")
     log.info("config_reloaded", changed=applied)  # said at the level in force until now: a new one may hide it
-    settings.cfg = merged(old, new)
-    # The new key is redacted from now on; the old one too, for connections still using it.
-    clog.reconfigure(settings.cfg, secrets=(old.api_key(),))
+    candidate = merged(old, new)
+    try:
+        # The new key is redacted from now on; the old one too, for connections still using it.
+        clog.reconfigure(candidate, secrets=(old.api_key(),))
+    except CairedError as err:  # the new log file cannot be opened: nothing is applied
+        log.error("config_reload_failed", reason=str(err), kept="the configuration in use")
+        return None
+    settings.cfg = candidate
     return applied

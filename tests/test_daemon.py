@@ -554,7 +554,10 @@ async def test_two_daemons_on_one_spool_stream_each_folder_once(
     assert sorted(claims[0] + claims[1]) == names and claims[0] and claims[1]
 
 
-async def test_log_rotation_with_sighup_loses_no_line(backend: BackendFactory, spool: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGHUP])  # logrotate's; a reload's
+async def test_log_rotation_loses_no_line(
+    backend: BackendFactory, spool: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
     state = await backend(api_key=SECRET_KEY, ok_every=3)
     log, rotated, out = tmp_path / "caired.log", tmp_path / "caired.log.1", tmp_path / "out.jsonl"
     for index, name in enumerate(["r0", "r1", "r2"]):
@@ -562,8 +565,8 @@ async def test_log_rotation_with_sighup_loses_no_line(backend: BackendFactory, s
     env = child_env(state.port, spool, FPS="30", CAIRED_SPOOL_MAX_SESSIONS="1", CAIRED_LOG_FILE=str(log))
     async with child(env, out) as proc:
         await until(lambda: state.sessions and len(state.sessions[0].answers) >= 3, "answers arriving")
-        log.rename(rotated)  # what logrotate does, then it sends SIGHUP
-        proc.send_signal(signal.SIGHUP)
+        log.rename(rotated)  # what logrotate does, then it sends SIGUSR2
+        proc.send_signal(signum)
         await until(lambda: any(line["event"] == "log_reopened" for line in log_lines(log)), "the new log file")
         await until(lambda: len(names_in(spool, "done")) == 3, "every folder in done/")
         assert (await stop(proc))[0] == 0

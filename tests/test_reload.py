@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import structlog
+import structlog.testing
 
 from caired import logging as clog
 from caired.config import Config
@@ -116,3 +117,17 @@ async def test_a_failing_reload_changes_nothing() -> None:
     assert line["event"] == "config_reload_failed"
     assert "retry.max (from env CAIRED_RETRY_MAX): must be a number" in line["reason"]
     assert "stream.fps" in line["reason"]
+
+
+async def test_a_reload_that_cannot_read_the_file_keeps_the_configuration(tmp_path: Path) -> None:
+    """A file that is not UTF-8 (or cannot be read) raised past the reload and ended the daemon."""
+    path = tmp_path / "caired.toml"
+    path.write_bytes(b"[stream]\nfps = 30\n")
+    old = Config.load(path=str(path))
+    settings = Settings(old)
+    path.write_bytes(b"[stream]\nfps = \xff\n")
+    with structlog.testing.capture_logs() as logs:
+        assert await reload(settings, lambda: Config.load(path=str(path))) is None
+    assert settings.cfg is old
+    [failed] = [e for e in logs if e["event"] == "config_reload_failed"]
+    assert "not UTF-8" in failed["reason"]

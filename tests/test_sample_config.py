@@ -79,7 +79,7 @@ def test_sample_paths_are_the_ones_the_unit_provides() -> None:
 LOGROTATE_CONF = ROOT / "etc" / "logrotate.d" / "caired"
 LOGROTATE = shutil.which("logrotate", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
 needs_logrotate = pytest.mark.skipif(LOGROTATE is None, reason="logrotate is not installed")
-POSTROTATE = "systemctl kill --signal=HUP --kill-whom=main caired.service >/dev/null 2>&1 || true"
+POSTROTATE = "systemctl kill --signal=USR2 --kill-whom=main caired.service >/dev/null 2>&1 || true"
 
 
 def rules() -> list[str]:
@@ -143,14 +143,14 @@ def test_logrotate_renames_recreates_and_signals_once(tmp_path: Path) -> None:
     (logs / "emulator.jsonl").write_text(lines)
     text = for_this_machine(LOGROTATE_CONF.read_text())
     assert text.count("/var/log/caired/*.jsonl {") == 1 and text.count(POSTROTATE) == 1
-    text = text.replace("/var/log/caired/*.jsonl {", f"{logs}/*.jsonl {{").replace(POSTROTATE, f"echo HUP >> {marker}")
+    text = text.replace("/var/log/caired/*.jsonl {", f"{logs}/*.jsonl {{").replace(POSTROTATE, f"echo USR2 >> {marker}")
     conf = tmp_path / "caired"
     conf.write_text(text)
 
     result = logrotate(conf, tmp_path / "state", "-f")
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert marker.read_text() == "HUP\n"  # sharedscripts: one signal for all the files
+    assert marker.read_text() == "USR2\n"  # sharedscripts: one signal for all the files
     fresh = logs / "caired.jsonl"
     assert fresh.read_text() == ""
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o640

@@ -45,7 +45,7 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
     # SIGUSR1 (retry now) and SIGHUP (reload) must not kill a daemon that has not yet installed
     # its own handlers (their default action is to terminate): ignored until the signal task
     # takes them, which is before READY=1.
-    for signum in (signal.SIGUSR1, signal.SIGHUP):
+    for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     trio.run(functools.partial(serve, cfg, reload=reload))
     return 0
