@@ -381,6 +381,29 @@ def _lock_held_elsewhere(fd: int) -> bool:
     return bool(_Flock.from_buffer_copy(answer).l_type != fcntl.F_UNLCK)
 
 
+LOCK_FLAGS: Final = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NFS locks need write access
+LOCK_MODE: Final = 0o660
+
+
+def open_lock_file(dir_fd: int, name: str) -> int:
+    """Open (creating it if need be) the lock file ``name`` in ``dir_fd`` for an OFD lock.
+
+    Never follows a link or waits on a FIFO. A file created here gets exactly ``LOCK_MODE``
+    whatever the umask: the service and an operator (``sudo caired hold``) must both be able
+    to open it for writing later, which a root-owned 0640 file would forbid to the service.
+    """
+    try:
+        fd = os.open(name, LOCK_FLAGS | os.O_CREAT | os.O_EXCL, LOCK_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        return os.open(name, LOCK_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, LOCK_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def lock_is_held(dir_fd: int, name: str) -> bool:
     """Does some process hold the lock on the regular file ``name``? Takes no lock and keeps
     nothing open (``F_OFD_GETLK`` on a read-only descriptor)."""

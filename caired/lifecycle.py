@@ -23,11 +23,11 @@ import attrs
 import structlog
 import trio
 
-from caired import __version__
+from caired import logging as clog
 from caired.config import Config
 from caired.errors import NoFramesError, SessionError, SpoolError
 from caired.reload import Settings
-from caired.spool import Claim, Spool
+from caired.spool import Claim, Spool, error_record
 from caired.stats import Stats
 from caired.uplink import Gate
 
@@ -156,25 +156,17 @@ async def _file_failure(spool: Spool, claim: Claim, err: Exception, *, bug: bool
     """File the folder in failed/ with error.json; returns the outcome."""
     if bug:
         log.error("internal_error", where="session", error_type=type(err).__name__, reason=str(err), exc_info=True)
-    record = error_record(claim, err)
+    record = _error_record(claim, err)
     with _last_attempt(claim):
         await trio.to_thread.run_sync(spool.fail, claim, record)
     return "failed"
 
 
-def error_record(claim: Claim, err: BaseException) -> dict[str, Any]:
-    """What error.json says: enough for a person to act without the log."""
-    return {
-        "session": claim.shown,
-        "datapt_id": claim.datapt_id,
-        "reason": str(err) or type(err).__name__,
-        "error_type": type(err).__name__,
-        "close_code": getattr(err, "close_code", None),
-        "attempts": claim.attempts,
-        "crashes": claim.crashes,
-        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "caired_version": __version__,
-    }
+def _error_record(claim: Claim, err: BaseException) -> dict[str, Any]:
+    """error.json for a session that ended in ``err``. The reason is redacted like a log line:
+    failed/ is readable by the folder's dropper, and a bug's message may hold anything."""
+    reason = clog.redact(str(err) or type(err).__name__)
+    return error_record(claim, reason, error_type=type(err).__name__, close_code=getattr(err, "close_code", None))
 
 
 def _last_attempt(claim: Claim) -> Any:

@@ -74,7 +74,6 @@ ROOMS: Final = ("incoming", "active", "done", "failed")
 STATES: Final = ("ready", "settling", "held", "active", "orphaned", "done", "failed")
 RETRY_FILE: Final = ".caired-retry-now"  # in incoming/: its change ends every daemon's backoff wait
 _POKE_PREFIX: Final = ".caired-poke-"
-_LOCK_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg")
 
 # Exit codes of the acting commands (sysexits.h).
@@ -358,7 +357,7 @@ def _locked(root: Path, where: Where) -> Iterator[_Locked]:
             raise _spool_error(label, exc) from None
         try:
             try:
-                lock_fd = os.open(LOCK_FILE, _LOCK_FLAGS, 0o660, dir_fd=folder_fd)
+                lock_fd = fsops.open_lock_file(folder_fd, LOCK_FILE)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                     raise Refused(f"{label}/{LOCK_FILE} is not a regular file; remove it first", EX_DATAERR) from None

@@ -126,7 +126,7 @@ from typing import Any, Final
 import attrs
 import structlog
 
-from caired import fsops
+from caired import __version__, fsops
 from caired.config import SpoolConfig
 from caired.errors import LocksRefused, SpoolError
 from caired.fsops import GONE, shown
@@ -153,8 +153,6 @@ CONTROL_FILE_CAP: Final = 64 * 1024  # bytes a session, result or error file may
 MAX_ATTEMPTS_RECORDED: Final = 10**9
 NEW_PREFIX: Final = ".caired-new-"  # create_active() staging folders in tmp/
 _STAGING_GRACE: Final = 60.0  # seconds a staging folder is left alone: its builder locks it in microseconds
-# Read-write: NFS grants a write lock only on a file open for writing. No symlinks followed, no FIFO waited on.
-_LOCK_FILE_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NO_LOCKS_ADVICE: Final = (
     "the spool must be on a filesystem that grants open file description locks "
     "(a local one, or NFS whose lock service works: NFSv4, or NFSv3 with rpc.statd running)"
@@ -368,6 +366,25 @@ class Claim:
             if fd is not None:
                 os.close(fd)
         self._lock_fd = self._dir_fd = None
+
+
+class _CannotSetAside(OSError):
+    """A control file caired did not write could not be moved out of the way."""
+
+
+def error_record(claim: Claim, reason: str, *, error_type: str, close_code: int | None = None) -> dict[str, Any]:
+    """What error.json says: enough for a person to act without the log."""
+    return {
+        "session": claim.shown,
+        "datapt_id": claim.datapt_id,
+        "reason": reason,
+        "error_type": error_type,
+        "close_code": close_code,
+        "attempts": claim.attempts,
+        "crashes": claim.crashes,
+        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "caired_version": __version__,
+    }
 
 
 @attrs.frozen
@@ -639,13 +656,22 @@ class Spool:
             died = session["in_attempt"]
             for found, aside in ((RESULT_FILE, PREVIOUS_RESULT_FILE), (ERROR_FILE, PREVIOUS_ERROR_FILE)):
                 if fsops.lexists(dir_fd, found):
-                    os.replace(found, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                    log.info("control_file_set_aside", session=claim.shown, file=found, to=aside,
-                             reason="only caired writes it, in active/")
+                    self._set_aside(dir_fd, claim.shown, found, aside, "only caired writes it, in active/")
             if died:
                 claim.crashes += 1
             if fresh or died:
                 claim._write_session()
+        except _CannotSetAside as exc:
+            # What a dropper planted cannot even be moved aside: never to be trusted, never to be
+            # streamed. Filed with the reason, rather than given back to be claimed forever.
+            claim.datapt_id = claim.datapt_id or str(uuid.uuid4())
+            try:
+                self.fail(claim, error_record(claim, f"a file caired did not write cannot be set aside: {exc}",
+                                              error_type="UntrustedControlFile"))
+            except SpoolError:
+                self._move_back_or_drop(claim)
+                raise
+            return None
         except BaseException as exc:
             try:
                 self._move_back(claim, event="folder_released")
@@ -709,7 +735,7 @@ class Spool:
         lock_path = self.root / "?" / name / LOCK_FILE
         for _ in range(2):
             try:
-                fd = os.open(LOCK_FILE, _LOCK_FILE_FLAGS, 0o660, dir_fd=dir_fd)
+                fd = fsops.open_lock_file(dir_fd, LOCK_FILE)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ESTALE):  # the folder was removed (on NFS: by another machine)
                     return None
@@ -773,10 +799,23 @@ class Spool:
             return None
 
     def _set_session_aside(self, dir_fd: int, where: Path, reason: str) -> None:
-        with contextlib.suppress(OSError):
-            os.replace(SESSION_FILE, INVALID_SESSION_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        log.warning("control_file_set_aside", session=shown(where.name), file=SESSION_FILE,
-                    to=INVALID_SESSION_FILE, reason=reason)
+        self._set_aside(dir_fd, shown(where.name), SESSION_FILE, INVALID_SESSION_FILE, reason)
+
+    @staticmethod
+    def _set_aside(dir_fd: int, session: str, found: str, aside: str, reason: str) -> None:
+        """Move a control file caired did not write out of the way (under ``aside``, or
+        ``aside.1``... if taken); _CannotSetAside when even that fails."""
+        try:
+            to = fsops.move_unique(dir_fd, found, dir_fd, aside)
+        except OSError as exc:
+            raise _CannotSetAside(f"{found}: {exc.strerror or exc}") from exc
+        log.warning("control_file_set_aside", session=session, file=found, to=to, reason=reason)
+
+    def _move_back_or_drop(self, claim: Claim) -> None:
+        try:
+            self._move_back(claim, event="folder_released")
+        except OSError:
+            self._drop(claim)  # unlocked in active/: the next recover() gives it back
 
     def _quarantine_if_crashed(self, claim: Claim) -> bool:
         """File a folder that was being streamed when its process died ``max_crashes`` times."""
@@ -784,9 +823,7 @@ class Spool:
             return False
         reason = (f"quarantined: caired died {claim.crashes} times while streaming this folder "
                   "(a native crash, the OOM killer or the watchdog); see the journal")
-        error = {"session": claim.shown, "datapt_id": claim.datapt_id, "reason": reason,
-                 "error_type": "Quarantined", "attempts": claim.attempts, "crashes": claim.crashes,
-                 "failed_at": _now_iso(self._clock)}
+        error = error_record(claim, reason, error_type="Quarantined")
         try:
             self.fail(claim, error)
         except SpoolError as err:

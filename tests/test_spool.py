@@ -1235,3 +1235,48 @@ def test_a_folder_its_owner_renames_while_it_is_claimed_is_let_go(
     assert not (spool.incoming / "s1" / SESSION_FILE).exists()  # the other folder was not touched
     monkeypatch.undo()
     assert spool.claim("s1-renamed") is not None  # the locked one is free again
+
+
+def test_planted_control_folders_are_set_aside_under_free_names_and_the_folder_streams(spool: Spool) -> None:
+    """Set-aside names that are taken must not leave a folder cycling incoming <-> active forever."""
+    folder = drop(spool, "s1")
+    for name in (SESSION_FILE, spool_module.INVALID_SESSION_FILE, spool_module.PREVIOUS_RESULT_FILE):
+        (folder / name).mkdir()
+        (folder / name / "x").write_text("planted")
+    (folder / RESULT_FILE).write_text('{"hr": 1}')
+    claim = spool.claim("s1")
+    assert claim is not None and claim.held
+    names = set(os.listdir(claim.path))
+    assert {f"{spool_module.INVALID_SESSION_FILE}.1", f"{spool_module.PREVIOUS_RESULT_FILE}.1"} <= names
+    assert stat.S_ISREG(os.lstat(claim.path / SESSION_FILE).st_mode)
+
+
+def test_a_control_file_that_cannot_be_set_aside_files_the_folder_in_failed(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = drop(spool, "s1")
+    (folder / RESULT_FILE).write_text('{"hr": 1}')
+    real_move = fsops.move_unique
+
+    def stuck(src_dir: int, src: str, dst_dir: int, name: str) -> str:
+        if src == RESULT_FILE:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_move(src_dir, src, dst_dir, name)
+
+    monkeypatch.setattr(fsops, "move_unique", stuck)
+    assert spool.claim("s1") is None
+    assert listing(spool.failed) == ["s1"] and listing(spool.incoming) == listing(spool.active) == []
+    error = json.loads((spool.failed / "s1" / ERROR_FILE).read_text())
+    assert error["error_type"] == "UntrustedControlFile" and RESULT_FILE in error["reason"]
+    assert UUID4_RE.match(error["datapt_id"])
+
+
+def test_a_lock_file_made_under_any_umask_can_be_opened_by_the_service_later(spool: Spool) -> None:
+    drop(spool, "s1")
+    old = os.umask(0o077)  # sudo caired hold, as root with a strict umask
+    try:
+        claim = spool.claim("s1")
+    finally:
+        os.umask(old)
+    assert claim is not None
+    assert stat.S_IMODE(os.lstat(claim.path / LOCK_FILE).st_mode) == fsops.LOCK_MODE
