@@ -39,6 +39,10 @@ class RetryFile:
             st = os.stat(self.path, follow_symlinks=False)
         except OSError:
             return None
+        if st.st_uid not in (0, os.geteuid()):
+            # incoming/ is writable by every dropper: only the service's user (or root, sudo
+            # caired retry-now) may end the backoff, or any dropper could hammer the backend.
+            return None
         return (st.st_ino, st.st_mtime_ns)
 
     def changed(self) -> bool:

@@ -180,5 +180,8 @@ def _put_back(spool: Spool, claim: Claim, how: AfterShutdown) -> None:
             spool.handoff(claim)
         else:
             spool.release(claim)
-    except SpoolError as err:
-        log.error("folder_release_failed", reason=str(err))
+    except Exception as err:
+        # Neither filed nor given back: let go of it where it is, so that the next rescan's
+        # recovery (or the next start's) moves it on, instead of holding it until the end.
+        log.error("folder_release_failed", reason=str(err), error_type=type(err).__name__)
+        spool.let_go(claim)

@@ -362,10 +362,11 @@ class Claim:
             raise RuntimeError(f"the claim on {self.shown} is no longer held (it moved to {self.path})")
 
     def _close(self) -> None:
-        for fd in (self._lock_fd, self._dir_fd):  # the lock's only descriptor: closing it releases the lock
+        fds, self._lock_fd, self._dir_fd = (self._lock_fd, self._dir_fd), None, None
+        for fd in fds:  # the lock's only descriptor: closing it releases the lock
             if fd is not None:
-                os.close(fd)
-        self._lock_fd = self._dir_fd = None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class _CannotSetAside(OSError):
@@ -937,6 +938,11 @@ class Spool:
         dest = self._retire(claim, to, "folder_done" if to == "done" else "folder_failed")
         log.info("folder_recovered", session=claim.shown, datapt_id=claim.datapt_id, **{"from": origin, "to": to})
         return dest
+
+    def let_go(self, claim: Claim) -> None:
+        """Stop holding a claim that could be neither filed nor given back: it stays where it is,
+        unlocked, and recovery moves it on like the folder of a process that died."""
+        self._drop(claim)
 
     def _drop(self, claim: Claim) -> None:
         with self._lock:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -122,3 +124,16 @@ async def test_caired_retry_now_and_sigusr1_reach_a_daemon_waiting_out_an_outage
         assert (await stop(proc))[0] == 0
     asked = [line["by"] for line in log_lines(out) if line["event"] == "backend_retry_now"]
     assert asked == ["caired retry-now", "SIGUSR1"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_control_file_a_dropper_wrote_is_ignored(tmp_path: Path) -> None:
+
+    requests = RetryFile(tmp_path)
+    path = tmp_path / queue.RETRY_FILE
+    path.write_text("now")
+    os.chown(path, 54321, 54321)  # a dropper's, not the service's user nor root
+    assert not requests.changed()
+    os.chown(path, os.geteuid(), os.getegid())
+    os.utime(path, ns=(1, 1))
+    assert requests.changed()
