@@ -49,6 +49,7 @@ log = structlog.get_logger()
 
 HEAD_LIMIT: Final = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT: Final = 10.0
+MAX_CONNECTIONS: Final = 8  # scrapers at once; more are closed at once
 BACKEND_STATES: Final = ("unknown", "up", "down", "rejected")
 ROOM_STATES: Final = ("incoming", "held", "active", "done", "failed")
 # The classic text format, which every Prometheus and node_exporter reads: caired's names need no escaping.
@@ -207,7 +208,8 @@ async def serve_metrics(
     async with trio.open_nursery() as nursery:
         if listeners:
             log.info("metrics_listening", address=cfg.listen)
-            nursery.start_soon(trio.serve_listeners, lambda stream: _handle(stream, exporter), listeners)
+            slots = trio.Semaphore(MAX_CONNECTIONS)  # a local flood cannot take the sessions' descriptors
+            nursery.start_soon(trio.serve_listeners, lambda stream: _handle(stream, exporter, slots), listeners)
         if cfg.textfile:
             nursery.start_soon(_write_textfile, exporter, Path(cfg.textfile), cfg.interval)
         task_status.started()
@@ -216,38 +218,55 @@ async def serve_metrics(
 async def _write_textfile(exporter: Exporter, path: Path, interval: float) -> None:
     failing: str | None = None
     while True:
-        data = await exporter.text()
         try:
+            data = await exporter.text()
             await trio.to_thread.run_sync(functools.partial(fsops.write_bytes_atomic, path, data, mode=0o644),
                                           abandon_on_cancel=True)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
+        except Exception as exc:  # metrics never end the daemon: a full disk, or a bug in a collector
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
             if reason != failing:
-                log.warning("metrics_textfile_failed", path=str(path), reason=reason)
+                log.warning("metrics_textfile_failed", path=str(path), reason=reason, error_type=type(exc).__name__)
             failing = reason
         else:
             failing = None
         await trio.sleep(interval)
 
 
-async def _handle(stream: trio.SocketStream, exporter: Exporter) -> None:
-    """One request, one answer, then the connection closes."""
+async def _handle(stream: trio.SocketStream, exporter: Exporter, slots: trio.Semaphore) -> None:
+    """One request, one answer, then the connection closes. A connection past MAX_CONNECTIONS
+    is closed at once; a request that makes the exporter fail gets 500, never ends the daemon."""
     async with stream:
-        with trio.move_on_after(REQUEST_TIMEOUT):
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        try:
+            await _handle_one(stream, exporter)
+        finally:
+            slots.release()
+
+
+async def _handle_one(stream: trio.SocketStream, exporter: Exporter) -> None:
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        try:
+            head = await _read_head(stream)
             try:
-                head = await _read_head(stream)
                 status, content_type, body = await _answer(head, exporter)
-                await stream.send_all(
-                    f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
-                    + (b"" if head.startswith(b"HEAD ") else body)
-                )
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
+            except Exception as exc:
+                log.error("internal_error", where="metrics endpoint", error_type=type(exc).__name__,
+                          reason=str(exc), exc_info=True)
+                status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+            await stream.send_all(
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("ascii")
+                + (b"" if head.startswith(b"HEAD ") else body)
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
 
 
 _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                   431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+                   431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes:

@@ -131,11 +131,20 @@ class FolderSource:
             )
 
     def _open_and_list(self) -> Listing:
+        # Opened outside the lock: on a hung mount the open may take forever in this (let go)
+        # thread, and aclose() takes the lock on the event loop.
+        opened = None if self._folder is not None else FrameFolder.open(
+            self.directory, follow_symlinks=self.follow_symlinks, dir_fd=self.dir_fd, label=self._shown)
         with self._lock:
-            if self._folder is None and not self._closed:
-                self._folder = FrameFolder.open(self.directory, follow_symlinks=self.follow_symlinks,
-                                                dir_fd=self.dir_fd, label=self._shown)
+            if opened is not None and (self._closed or self._folder is not None):
+                stale, opened = opened, None  # closed (or opened) meanwhile: this one is not needed
+            else:
+                stale = None
+            if opened is not None:
+                self._folder = opened
             folder = self._folder
+        if stale is not None:
+            stale.close()
         if folder is None:
             raise NoFramesError(f"{self._shown}: the source was closed")
         return folder.list()

@@ -157,3 +157,22 @@ async def test_a_port_in_use_is_one_configuration_error(tmp_path: Path) -> None:
         cfg = daemon_config(1, tmp_path / "spool", CAIRED_METRICS_LISTEN=f"127.0.0.1:{port}")
         with pytest.raises(ConfigError, match=f"metrics.listen: cannot listen on 127.0.0.1:{port}: "):
             await open_metrics_listeners(cfg.metrics)
+
+
+async def test_a_failing_exporter_answers_500_and_the_daemon_goes_on(
+    backend: BackendFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caired import metrics
+
+    async def broken(self: metrics.Exporter) -> bytes:
+        raise RuntimeError("a collector bug")
+
+    monkeypatch.setattr(metrics.Exporter, "text", broken)
+    state = await backend()
+    spool, port = tmp_path / "spool", free_port()
+    cfg = daemon_config(state.port, spool, CAIRED_METRICS_LISTEN=f"127.0.0.1:{port}",
+                        CAIRED_METRICS_TEXTFILE=str(tmp_path / "caired.prom"))
+    async with running(cfg):
+        assert (await get(port, "/metrics"))[0] == 500
+        drop(spool, "after", 1, 4)  # the daemon is still there
+        await until(lambda: names_in(spool, "done") == ["after"], "a folder streamed after the failure")
