@@ -40,6 +40,8 @@ POLICY_VIOLATION: Final = 1008
 # Answers an attempt takes before it calls them a flood: a generous allowance, plus a few per frame sent.
 ANSWER_ALLOWANCE: Final = 1024
 ANSWERS_PER_FRAME: Final = 8
+ANSWER_BYTES_ALLOWANCE: Final = 64 * 1024 * 1024  # and bytes: a few maximal answers, plus some per frame
+ANSWER_BYTES_PER_FRAME: Final = 64 * 1024
 
 
 class Socket(Protocol):
@@ -228,6 +230,7 @@ async def _send_one(ws: Socket, shared: _Shared, message: tuple[bytes, bytes, by
 async def _listen(
     ws: Socket, shared: _Shared, tally: Tally, on_answer: Callable[[Answer], None] | None, stats: Stats
 ) -> None:
+    received = 0
     while True:
         try:
             message = await ws.get_message()
@@ -237,11 +240,14 @@ async def _listen(
         answer = parse_answer(message)
         tally.count(answer)
         stats.answers += 1
+        received += len(message)
         allowed = ANSWER_ALLOWANCE + ANSWERS_PER_FRAME * tally.sent
-        if tally.answers > allowed:
+        allowed_bytes = ANSWER_BYTES_ALLOWANCE + ANSWER_BYTES_PER_FRAME * tally.sent
+        if tally.answers > allowed or received > allowed_bytes:
             # A backend that answers far more than it is sent is flooding: each answer costs a log
             # line and a parse. The attempt ends as a policy violation (1008), and is retried.
-            shared.fail(SessionError(f"the backend sent more than {allowed} messages for {tally.sent} frames",
+            what = f"{allowed} messages" if tally.answers > allowed else f"{allowed_bytes} bytes"
+            shared.fail(SessionError(f"the backend sent more than {what} for {tally.sent} frames",
                                      retry=Retry.SESSION), close_with=(POLICY_VIOLATION, "too many messages"))
             return
         if answer.hr is not None:

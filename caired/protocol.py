@@ -76,7 +76,10 @@ def redact_url(url: str) -> str:
 
 
 MAX_DEPTH: Final = 64  # arrays and objects nested deeper than this are not parsed
-LOG_WHOLE: Final = 1024 * 1024  # a text answer up to this many characters is parsed and logged whole
+# One bound for an answer: the connection refuses a longer message (1009, caired.uplink), and
+# every answer within it is parsed and logged whole, a large 'finished' included.
+MAX_ANSWER: Final = 16 * 1024 * 1024
+LOG_WHOLE: Final = MAX_ANSWER  # a text answer up to this many characters is parsed and logged whole
 LOG_PREFIX: Final = 1024  # what the log keeps of a longer one
 _SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
 

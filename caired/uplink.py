@@ -26,14 +26,14 @@ from wsproto.utilities import LocalProtocolError
 
 from caired.config import BackendConfig, RetryConfig
 from caired.errors import BackendUnavailable, CairedError, KeyRejected, Retry, SessionError, WrongPath
-from caired.protocol import CloseKind, auth_headers, build_url, classify_close, classify_status, redact_url
+from caired.protocol import MAX_ANSWER, CloseKind, auth_headers, build_url, classify_close, classify_status, redact_url
 
 log = structlog.get_logger()
 
 # What one connection may make us hold: answers are small (an advanced one with its rPPG
 # window is tens of KB), but no side may keep a 1 MiB limit. A bigger message closes with
 # 1009; at most MESSAGE_QUEUE whole ones wait while the listener logs (it drains continuously).
-MAX_MESSAGE: Final = 16 * 1024 * 1024
+MAX_MESSAGE: Final = MAX_ANSWER
 MESSAGE_QUEUE: Final = 16
 CLOSE_TIMEOUT: Final = 2.0
 SLOW_FACTOR: Final = 4.0  # 1012/1013/429: the server asked for time
