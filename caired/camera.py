@@ -162,7 +162,10 @@ class Camera:
         with self._lock:
             if self._closed or self._cap is None:
                 return None
-            ok, image = self._cap.read()
+            try:
+                ok, image = self._cap.read()
+            except Exception as exc:  # cv2.error from a driver or a codec: the device failed, not the daemon
+                raise DeviceError(f"camera {self.device} failed to deliver a frame: {exc}") from None
             if not (ok and image is not None) and self.is_file:
                 ok, image = self._restart_file()
             if not ok or image is None:

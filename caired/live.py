@@ -56,7 +56,10 @@ async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChan
     filed through the same lifecycle as a dropped folder."""
     try:
         claim = await trio.to_thread.run_sync(lambda: ctx.spool.create_active(name, source="camera"))
-    except SpoolError as err:
+    except Exception as err:  # a spool error, or a bug: this session is lost, never the daemon
+        if not isinstance(err, SpoolError):
+            log.error("internal_error", where="camera session folder", error_type=type(err).__name__,
+                      reason=str(err), exc_info=True)
         log.error("camera_session_not_recorded", session=name, reason=str(err))
         async with frames:
             pass  # closing our end ends the capture: nothing can be kept

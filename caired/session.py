@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import structlog
@@ -29,6 +29,8 @@ from caired.stats import Stats
 from caired.uplink import Gate, connect, endpoint
 
 log = structlog.get_logger()
+
+ATTEMPT_END_DEADLINE: Final = 5.0  # seconds to mark an attempt ended in the session file
 
 
 @attrs.frozen
@@ -149,8 +151,10 @@ async def deliver(
                 continue
             finally:
                 if on_attempt_end is not None:
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(on_attempt_end)
+                    with trio.CancelScope(shield=True), trio.move_on_after(ATTEMPT_END_DEADLINE):
+                        # Let go after a while: a hung filesystem must not hold up a shutdown. An
+                        # attempt not marked ended counts as one crash, which is safe.
+                        await trio.to_thread.run_sync(on_attempt_end, abandon_on_cancel=True)
             gate.succeeded()
             stats.succeeded(finished.hr)
             log.info("session_finished", hr=finished.hr, frames_sent=finished.sent, frames_skipped=finished.skipped,

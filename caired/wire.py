@@ -108,6 +108,9 @@ async def send_text(ws: Any, parts: Sequence[Buffer]) -> None:
         frame = text_frame(parts, os.urandom(4))  # a fresh key per frame, as RFC 6455 5.3 asks
         async with ws._stream_lock:
             await trio.lowlevel.checkpoint_if_cancelled()  # cancelled before a byte left: the stream is whole
+            if not _open_client(ws):
+                # A close frame went out while we waited for the lock: no data frame may follow it.
+                raise trio_websocket.ConnectionClosed(ws._close_reason)
             try:
                 await ws._stream.send_all(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -372,3 +372,30 @@ async def test_run_camera_logs_drops_per_session_and_releases_during_interval(vi
     assert [c["captured"] - c["dropped"] for c in captured] == [2, 2]  # what the channel held
     assert [c["captured"] for c in captured] == [6, 6]  # 0.3 s at 20 fps
     assert dropped[0]["session"] == captured[0]["session"] != captured[1]["session"]
+
+
+async def test_a_driver_error_from_a_read_is_a_device_failure_and_the_camera_reopens(
+    virtual: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Crashing(FakeCapture):
+        def read(self) -> tuple[bool, Any]:
+            raise RuntimeError("cv2.error: (-215:Assertion failed) in a driver")
+
+    fakes: list[FakeCapture] = [Crashing(frames=0), FakeCapture(frames=10_000)]
+    monkeypatch.setattr(camera, "open_device", lambda *args: fakes.pop(0))
+    cfg = CameraConfig(device="0", fps=20, session_seconds=0.5)
+    sessions: list[list[CapturedFrame]] = []
+    done = trio.Event()
+
+    async def on_session(name: str, receive: trio.MemoryReceiveChannel[CapturedFrame]) -> None:
+        sessions.append(await collect(receive))
+        if len(sessions) == 2:
+            done.set()
+
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: run_camera(cfg, on_session, retry_initial=0.05))
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert [len(s) for s in sessions] == [0, 10]
+    assert "failed to deliver a frame" in _events(logs, "camera_unavailable")[0]["reason"]
