@@ -259,6 +259,44 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     write_bytes_atomic(path, json_bytes(data))
 
 
+def remove_tree(parent_fd: int, name: str) -> None:
+    """Remove the folder ``name`` of ``parent_fd`` with all it holds, at any depth.
+
+    Iterative (``shutil.rmtree`` recurses, past Python's limit on a tree 1,000 deep), holding
+    one descriptor at a time, never following a link: it goes down through ``O_NOFOLLOW``
+    opens and back up through ``..``, removing each folder once it is empty.
+    """
+    fd = open_dir(name, dir_fd=parent_fd)
+    depth = 0
+    try:
+        while True:
+            sub = None
+            for entry in os.scandir(fd):
+                if entry.is_dir(follow_symlinks=False):
+                    sub = entry.name
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=fd)
+            if sub is not None:
+                inner = open_dir(sub, dir_fd=fd)
+                os.close(fd)
+                fd, depth = inner, depth + 1
+                continue
+            if depth == 0:
+                break
+            up = open_dir("..", dir_fd=fd)  # the real parent: '..' is never a link
+            inode = os.fstat(fd).st_ino
+            os.close(fd)
+            fd, depth = up, depth - 1
+            for entry in os.scandir(fd):
+                if entry.inode() == inode and entry.is_dir(follow_symlinks=False):
+                    os.rmdir(entry.name, dir_fd=fd)
+                    break
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
 def remove_temporaries(dir_fd: int) -> None:
     """Remove leftovers of interrupted atomic writes in a folder."""
     for entry in os.scandir(dir_fd):
@@ -303,6 +341,13 @@ def candidate_names(name: str) -> Iterator[str]:
     for n in range(MAX_SUFFIX):
         suffix = b"" if n == 0 else b".%d" % n
         base = raw[: NAME_MAX - len(suffix)]
+        if base != raw:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                pass  # not UTF-8: bytes are all there is to cut
+            else:
+                base = base.decode("utf-8", "ignore").encode("utf-8")  # drops a character cut in two
         yield os.fsdecode(base + suffix)
 
 

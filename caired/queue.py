@@ -41,7 +41,6 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import socket
 import stat
 import time
@@ -526,7 +525,7 @@ def delete(root: Path, given: str, *, force: bool = False) -> str:
                     if child.name == LOCK_FILE:
                         continue
                     if child.is_dir(follow_symlinks=False):
-                        shutil.rmtree(child.name, dir_fd=held.folder_fd)
+                        fsops.remove_tree(held.folder_fd, child.name)
                     else:
                         os.unlink(child.name, dir_fd=held.folder_fd)
         except OSError as exc:

@@ -113,7 +113,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import stat
 import threading
 import time
@@ -714,7 +713,7 @@ class Spool:
                 if fd is not None:
                     os.close(fd)
             with contextlib.suppress(OSError):
-                shutil.rmtree(staging, dir_fd=tmp)
+                fsops.remove_tree(tmp, staging)
             if isinstance(exc, SpoolError):
                 raise
             raise _spool_error("create a session folder in", self.active, exc, "check the spool") from exc
@@ -1080,7 +1079,8 @@ class Spool:
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
-                if st.st_uid != uid or now - st.st_mtime < _STAGING_GRACE:
+                deleted = entry.name.startswith(f"{NEW_PREFIX}deleted-")  # caired delete's, a dropper's folder
+                if (st.st_uid != uid and not deleted) or now - st.st_mtime < _STAGING_GRACE:
                     continue  # another user's (a dropper's name in tmp/), or still being built
                 dir_fd = fsops.open_dir(entry.name, dir_fd=tmp)
             except OSError:
@@ -1094,14 +1094,14 @@ class Spool:
                         if child.name == LOCK_FILE:
                             continue
                         if child.is_dir(follow_symlinks=False):
-                            shutil.rmtree(child.name, dir_fd=dir_fd)
+                            fsops.remove_tree(dir_fd, child.name)
                         else:
                             os.unlink(child.name, dir_fd=dir_fd)
                 finally:
                     os.close(fd)
                 os.unlink(LOCK_FILE, dir_fd=dir_fd)
                 os.rmdir(entry.name, dir_fd=tmp)
-            except (OSError, RecursionError):
+            except OSError:
                 pass
             finally:
                 os.close(dir_fd)
