@@ -55,4 +55,5 @@ def test_candidate_names_fit_the_filesystem_and_stay_utf8() -> None:
     assert second == "é" * 126 + ".1"  # cut between characters, never inside one
     assert len(os.fsencode(second)) <= fsops.NAME_MAX
     raw = b"\xff" * 255  # not UTF-8: cut as bytes
-    assert os.fsencode(next(n for i, n in enumerate(fsops.candidate_names(os.fsdecode(raw))) if i == 1)) == raw[:253] + b".1"
+    cut = next(n for i, n in enumerate(fsops.candidate_names(os.fsdecode(raw))) if i == 1)
+    assert os.fsencode(cut) == raw[:253] + b".1"
