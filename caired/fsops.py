@@ -87,8 +87,6 @@ def opened_dir(name: str | Path, *, dir_fd: int | None = None) -> Iterator[int]:
         os.close(fd)
 
 
-def fsync_dir(fd: int) -> None:
-    os.fsync(fd)
 
 
 def fsync_dirs_quietly(*fds: int) -> None:
@@ -101,12 +99,6 @@ def fsync_dirs_quietly(*fds: int) -> None:
             log.warning("spool_fsync_failed", error=exc.strerror or str(exc))
 
 
-def is_dir_entry(dir_fd: int, name: str) -> bool:
-    """Is ``name`` a folder (not a symlink to one)?"""
-    try:
-        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
 
 
 def lexists(dir_fd: int, name: str) -> bool:

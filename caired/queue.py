@@ -59,6 +59,7 @@ from caired.settle import READY_MARKER, Settler
 from caired.spool import (
     CONTROL_FILE_CAP,
     ERROR_FILE,
+    FRAME_SUFFIXES,
     HOLD_MARKER,
     LOCK_FILE,
     NEW_PREFIX,  # a folder being deleted is staged like a recording being built: recovery cleans both
@@ -73,7 +74,6 @@ ROOMS: Final = ("incoming", "active", "done", "failed")
 STATES: Final = ("ready", "settling", "held", "active", "orphaned", "done", "failed")
 RETRY_FILE: Final = ".caired-retry-now"  # in incoming/: its change ends every daemon's backoff wait
 _POKE_PREFIX: Final = ".caired-poke-"
-_FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg")
 
 # Exit codes of the acting commands (sysexits.h).
 EX_DATAERR: Final = 65  # the folder is in a state the action does not apply to
@@ -250,7 +250,7 @@ def _text(value: Any) -> str | None:
 def _count_frames(folder: int) -> int:
     count = 0
     for dirent in os.scandir(folder):
-        if dirent.name.lower().endswith(_FRAME_SUFFIXES) and dirent.is_file(follow_symlinks=False):
+        if dirent.name.lower().endswith(FRAME_SUFFIXES) and dirent.is_file(follow_symlinks=False):
             count += 1
     return count
 

@@ -195,8 +195,8 @@ async def _attempt(
                 fps=cfg.stream.fps,
                 advanced=cfg.stream.advanced,
                 prefill=cfg.stream.prefill,
-                finish_timeout=cfg.backend.finish_timeout,
-                heartbeat=cfg.backend.heartbeat,
+                finish_timeout=backend.finish_timeout,  # all of one connection from one configuration
+                heartbeat=backend.heartbeat,
                 tally=tally,
                 on_answer=answered,
                 stats=stats,

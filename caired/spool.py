@@ -161,7 +161,7 @@ _LOCKS_REFUSED_ADVICE: Final = (
     + _NO_LOCKS_ADVICE
 )
 _LOCAL_ONLY_LOCKS: Final = frozenset({"nolock", "local_lock=posix", "local_lock=all"})  # NFS options
-_FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg")
+FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg")  # what keep_frames = false deletes, what queue counts
 
 
 def _spool_error(
@@ -200,7 +200,7 @@ def check_shared_locks(root: Path, mountinfo: Path = MOUNTINFO) -> None:
 
 
 def _is_frame(name: str) -> bool:
-    return name.lower().endswith(_FRAME_SUFFIXES)
+    return name.lower().endswith(FRAME_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +345,6 @@ class Claim:
             self._write_session()
         except SpoolError as err:
             log.warning("session_file_not_written", reason=str(err))
-
-    # Kept for callers that count attempts without marking them (tests, older code paths).
-    record_attempt = begin_attempt
 
     def _write_session(self) -> None:
         try:

@@ -338,7 +338,7 @@ def test_claim_moves_to_active_with_a_session_file(spool: Spool) -> None:
         "source": "drop",
         "name": "s1",
     }
-    assert claim.record_attempt() == 1
+    assert claim.begin_attempt() == 1
     assert session_of(claim.path)["attempts"] == 1
     assert [e["event"] for e in logs] == ["folder_claimed"]
     assert logs[0]["datapt_id"] == claim.datapt_id and logs[0]["session"] == "s1"
@@ -578,7 +578,7 @@ _HOLDER = """
 import sys, time
 from caired.spool import Spool
 claim = Spool(sys.argv[1]).claim("held")
-claim.record_attempt()
+claim.begin_attempt()
 print("CLAIMED", claim.datapt_id, flush=True)
 time.sleep(60)
 """
@@ -753,7 +753,7 @@ def test_datapt_id_persists_across_release_and_claim(spool: Spool) -> None:
     drop(spool, "s1")
     claim = spool.claim("s1")
     assert claim is not None
-    claim.record_attempt()
+    claim.begin_attempt()
     with structlog.testing.capture_logs() as logs:
         back = spool.release(claim)
     assert back == spool.incoming / "s1" and not claim.held and claim.path == back
@@ -767,7 +767,7 @@ def test_datapt_id_persists_across_release_and_claim(spool: Spool) -> None:
         claim.first_claimed_at,
     )
     with pytest.raises(RuntimeError):
-        claim.record_attempt()  # the released claim is spent
+        claim.begin_attempt()  # the released claim is spent
 
 
 def test_release_never_overwrites_a_new_drop_of_the_same_name(spool: Spool) -> None:
@@ -888,7 +888,7 @@ def test_crash_before_the_outcome_file_streams_again(spool: Spool, clock: FakeCl
     drop(spool, "s1")
     claim = spool.claim("s1")
     assert claim is not None
-    claim.record_attempt()
+    claim.begin_attempt()
     _die_holding(spool, claim)
     assert Spool(spool.root, clock=clock).recover() == ["s1"]
     assert session_of(spool.incoming / "s1")["attempts"] == 1
@@ -930,7 +930,7 @@ def test_full_disk_leaves_the_folder_in_active_without_result_json(
     with pytest.raises(SpoolError) as info:
         spool.finish(claim, _result(claim))
     with pytest.raises(SpoolError):
-        claim.record_attempt()
+        claim.begin_attempt()
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC and info.value.exit_code == ExitCode.CANT_CREATE
     assert "result.json" in str(info.value)
@@ -1027,7 +1027,7 @@ def test_a_claim_is_named_as_dropped(spool: Spool) -> None:
     os.rename(spool.release(claim), spool.incoming / "renamed")
     again = spool.claim("renamed")
     assert again is not None and again.name == "renamed" and again.datapt_id == claim.datapt_id
-    again.record_attempt()
+    again.begin_attempt()
     assert session_of(again.path)["name"] == "renamed"
 
 
