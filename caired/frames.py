@@ -44,7 +44,8 @@ from caired.config import StreamConfig
 from caired.errors import FrameError, NoFramesError
 from caired.fsops import shown
 
-FRAME_NAME: Final = re.compile(rb"^([0-9]+(?:\.[0-9]+)?)\.png\Z", re.IGNORECASE)
+FRAME_NAME: Final = re.compile(rb"^([0-9]+(?:\.[0-9]+)?)\.(?:png|jpe?g)\Z", re.IGNORECASE)
+JPEG_SUFFIXES: Final = (".jpg", ".jpeg")
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 PNG_TRAILER: Final = b"IEND\xaeB`\x82"
 IHDR_END: Final = 33  # signature 8, length 4, type 4, IHDR data 13, CRC 4
@@ -99,6 +100,11 @@ class FrameRef:
     directory: Path = attrs.field(default=Path(), eq=False)
 
     @property
+    def is_jpeg(self) -> bool:
+        """A ``.jpg`` / ``.jpeg`` frame: sent as it is in jpeg mode, never decoded."""
+        return self.name.lower().endswith(JPEG_SUFFIXES)
+
+    @property
     def path(self) -> Path:
         """For display and tests; frames are read relative to their folder's descriptor, never by this path."""
         return self.directory / self.name
@@ -107,7 +113,7 @@ class FrameRef:
 @attrs.frozen
 class Listing:
     frames: tuple[FrameRef, ...]
-    ignored: int  # files in the folder that are not <number>.png (hidden ones aside)
+    ignored: int  # files in the folder that are not <number>.png / .jpg / .jpeg (hidden ones aside)
     examples: tuple[str, ...] = ()  # a few of the ignored names, shown escaped
 
 
@@ -126,7 +132,7 @@ def frame_stem(name: bytes) -> str | None:
 
 
 def sort_frames(names: Iterable[bytes], directory: Path = Path()) -> Listing:
-    """The ``<number>.png`` names among ``names``, in ascending numeric order of their stems.
+    """The ``<number>.png`` (``.jpg``, ``.jpeg``) names among ``names``, in ascending numeric order of their stems.
 
     Any other name (not UTF-8, not a frame name) is counted as ignored, unless it is
     hidden: names starting with '.' are caired's own markers and state.
@@ -294,6 +300,69 @@ def check_png(name: str, data: bytes, max_pixels: int) -> tuple[int, int]:
     if width * height > max_pixels:
         raise FrameError(name, f"is {width}x{height} pixels, more than stream.max_frame_pixels ({max_pixels})")
     return width, height
+
+
+JPEG_SOI: Final = b"\xff\xd8"
+JPEG_EOI: Final = b"\xff\xd9"
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic...): the ones that carry the image size.
+_JPEG_SOF: Final = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_STANDALONE: Final = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a JPEG's start-of-frame segment; ValueError says what is wrong.
+
+    Walks the segments before the scan (APPn such as EXIF, quantisation and Huffman
+    tables), each by its length field, bounded by the data: a length that points past the
+    end, a scan before any frame header, or a zero side is refused before a decoder sees it.
+    """
+    if not data:
+        raise ValueError("is empty")
+    if not data.startswith(JPEG_SOI):
+        raise ValueError("not a JPEG file")
+    pos = 2
+    while True:
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos + 2 > len(data):
+            raise ValueError("truncated JPEG (no frame header)")
+        if data[pos] != 0xFF:
+            raise ValueError("malformed JPEG: a segment does not start with a marker")
+        marker = data[pos + 1]
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):
+            raise ValueError("malformed JPEG: no frame header before the image data")
+        if pos + 4 > len(data):
+            raise ValueError("truncated JPEG (no frame header)")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > len(data):
+            raise ValueError("truncated JPEG (a segment runs past the end)")
+        if marker in _JPEG_SOF:
+            if length < 8:
+                raise ValueError("malformed JPEG: a frame header too short")
+            height = int.from_bytes(data[pos + 5:pos + 7], "big")
+            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            if width == 0 or height == 0:
+                raise ValueError(f"malformed JPEG: the header says {width}x{height} pixels")
+            return width, height
+        pos += 2 + length
+
+
+def read_jpeg_file(ref: FrameRef, folder: FrameFolder, limits: FrameLimits) -> EncodedFrame:
+    """A ``.jpg`` frame's bytes exactly as they are on disk, base64: header and end checked, never decoded."""
+    data = folder.read(ref.name, limits.max_bytes)
+    try:
+        width, height = jpeg_size(data)
+    except ValueError as exc:
+        raise FrameError(ref.name, str(exc)) from None
+    if width * height > limits.max_pixels:
+        raise FrameError(ref.name,
+                         f"is {width}x{height} pixels, more than stream.max_frame_pixels ({limits.max_pixels})")
+    if not data.rstrip(b"\x00").endswith(JPEG_EOI):
+        raise FrameError(ref.name, "truncated JPEG (no end-of-image marker)")
+    return EncodedFrame(ref.timestamp, pybase64.b64encode(data))
 
 
 def read_raw(ref: FrameRef, folder: FrameFolder, limits: FrameLimits) -> EncodedFrame:
