@@ -169,3 +169,17 @@ class DemoFailed(CairedError):
     """The demo's session did not finish (failed, or no result in time), or its options are out of range."""
 
     exit_code = ExitCode.SESSION_FAILED
+
+
+class LayoutError(NoFramesError):
+    """A folder looks like a known layout (a dataset, a video) but is not quite one: names what is missing."""
+
+
+class GroundTruthError(CairedError, ValueError):
+    """A reference file (reference.csv, a dataset's ground truth) cannot be read: one line says why."""
+
+    exit_code = ExitCode.NO_INPUT
+
+
+class VideoError(NoFramesError):
+    """A video file cannot be opened or decoded."""

@@ -161,7 +161,8 @@ _LOCKS_REFUSED_ADVICE: Final = (
     + _NO_LOCKS_ADVICE
 )
 _LOCAL_ONLY_LOCKS: Final = frozenset({"nolock", "local_lock=posix", "local_lock=all"})  # NFS options
-FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg")  # what keep_frames = false deletes, what queue counts
+# What keep_frames = false deletes and what queue counts: frames, and a video (a session's frames too).
+FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".avi", ".mp4", ".mkv", ".mov")
 
 
 def _spool_error(

@@ -1,5 +1,9 @@
 """Synthetic "pulsing face" frames: timestamp-named PNGs with a known heart rate.
 
+``write_layout`` also writes the other forms a session comes in, each with its ground
+truth: JPEG frames, a video (AVI, or a variable frame rate Matroska file), a UBFC-rPPG
+session (``vid.avi`` + ``ground_truth.txt``) and a PURE one (``Image<ns>.png`` + JSON).
+
 The scene is a face-like skin ellipse (hair, eyes, brows, mouth) on a textured wall,
 swaying a few pixels, under a slowly drifting exposure, with per-pixel sensor noise.
 The skin carries a blood-volume pulse at ``bpm``: a systolic peak and a dicrotic wave
@@ -18,12 +22,15 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import json
 import math
 import os
 import statistics
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 from typing import Final
 
@@ -204,6 +211,7 @@ class _Scene:
         self._background = _wall(width, height, rng)
         self._face, self._alpha, self._skin = _face(width, height, rng)
         pulse = pulse_wave(times, bpm, np.random.default_rng(pulse_seq))
+        self.bvp = pulse  # the blood-volume pulse of each frame: the ground truth a reference file records
         breath = 0.25 * np.sin(2 * np.pi * 0.23 * times + rng.uniform(0, 2 * np.pi))  # breathing, below the pulse band
         self._pulse = (-PULSE_DEPTH * (pulse + breath)).astype(np.float32)  # more blood, darker skin
         # Auto-exposure drifting by half a percent, slowly.
@@ -321,3 +329,156 @@ def _face(width: int, height: int, rng: np.random.Generator) -> tuple[Floats, Fl
     )
     alpha = np.clip(head + hair + shirt, 0.0, 1.0)
     return colour.astype(np.float32), alpha.astype(np.float32), bare.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: the forms researchers' sessions come in, each with its reference pulse
+
+LAYOUTS: Final = ("png", "jpeg", "video", "vfr", "ubfc", "pure")
+
+
+def write_layout(
+    directory: Path,
+    layout: str,
+    *,
+    bpm: float = 72.0,
+    seconds: float = 10.0,
+    fps: float = 30.0,
+    width: int = 320,
+    height: int = 240,
+    seed: int | None = None,
+    start: float | None = None,
+    reference: bool = True,
+    times: list[float] | None = None,
+) -> list[str]:
+    """Write a session of ``layout`` into ``directory``; return the frames' timestamps as the source records them.
+
+    - ``png`` / ``jpeg``: ``<timestamp>.png`` / ``.jpg`` frames, and ``reference.csv`` (``timestamp,ppg``);
+    - ``video``: ``clip.avi`` (MJPEG), its modification time set so the first frame is at ``start``,
+      and ``reference.csv`` (``seconds,ppg``);
+    - ``vfr``: ``clip.mkv`` (MJPEG in Matroska), frames at ``times`` (seconds; default a
+      jittered 1/fps), its creation time ``start``;
+    - ``ubfc``: ``vid.avi`` + ``ground_truth.txt`` (PPG, HR, seconds), as UBFC-rPPG ships a subject;
+    - ``pure``: ``<dir name>/Image<ns>.png`` + ``<dir name>.json`` (``/Image``, ``/FullPackage``), as PURE ships.
+
+    The reference is the pulse the skin carries, sampled at each frame.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+    start = round(time.time() - seconds, 3) if start is None else start
+    scene, stems = _prepare(bpm=bpm, seconds=seconds, fps=fps, width=width, height=height, seed=seed, start=start)
+    directory.mkdir(parents=True, exist_ok=True)
+    offsets = [i / fps for i in range(scene.count)]
+    if layout == "vfr":
+        rng = np.random.default_rng(seed)
+        offsets = times if times is not None else [
+            round(i / fps + (float(rng.uniform(0.0, 0.4 / fps)) if i else 0.0), 3) for i in range(scene.count)]
+        if len(offsets) != scene.count or any(b <= a for a, b in itertools.pairwise(offsets)):
+            raise ValueError(f"times must be {scene.count} increasing offsets")
+    bvp = [round(float(v), 6) for v in scene.bvp]
+    if layout in ("png", "jpeg"):
+        suffix = ".png" if layout == "png" else ".jpg"
+        for i, name in enumerate(stems):
+            params = [int(cv2.IMWRITE_JPEG_QUALITY), 95] if layout == "jpeg" else []
+            ok, data = cv2.imencode(suffix, scene.frame(i), params)
+            if not ok:
+                raise OSError(f"cv2 could not encode frame {i}")
+            fsops.write_bytes_atomic(directory / f"{name}{suffix}", data.data)
+        if reference:
+            rows = "".join(f"{name},{v}\n" for name, v in zip(stems, bvp, strict=True))
+            fsops.write_bytes_atomic(directory / "reference.csv", ("timestamp,ppg\n" + rows).encode())
+        return stems
+    if layout == "pure":
+        images = directory / directory.name
+        images.mkdir(exist_ok=True)
+        ns = [int(Decimal(repr(start)).scaleb(9)) + round(offset * 1e9) for offset in offsets]
+        for i, stamp in enumerate(ns):
+            _write_frame(scene, i, images / f"Image{stamp}.png")
+        document = {
+            "/FullPackage": [{"Timestamp": stamp, "Value": {"waveform": v, "pulseRate": round(bpm),
+                                                            "o2saturation": 98, "signalStrength": 5}}
+                             for stamp, v in zip(ns, bvp, strict=True)],
+            "/Image": [{"Timestamp": stamp} for stamp in ns],
+        }
+        fsops.write_bytes_atomic(directory / f"{directory.name}.json", json.dumps(document).encode())
+        return [f"{str(stamp)[:-9]}.{str(stamp)[-9:]}" for stamp in ns]
+    if layout == "vfr":
+        write_mkv(directory / "clip.mkv", (scene.frame(i) for i in range(scene.count)),
+                  [round(o * 1000) for o in offsets], created=start)
+        if reference:
+            rows = "".join(f"{o},{v}\n" for o, v in zip(offsets, bvp, strict=True))
+            fsops.write_bytes_atomic(directory / "reference.csv", ("seconds,ppg\n" + rows).encode())
+        return [f"{Decimal(repr(start)) + Decimal(round(o * 1000)).scaleb(-3):.6f}" for o in offsets]
+    name = "vid.avi" if layout == "ubfc" else "clip.avi"
+    path = directory / name
+    write_avi(path, (scene.frame(i) for i in range(scene.count)), fps=fps, size=(width, height))
+    duration = Decimal(scene.count) / Decimal(repr(float(fps)))
+    os.utime(path, ns=(time.time_ns(), int((Decimal(repr(start)) + duration).scaleb(9))))
+    if layout == "ubfc":
+        lines = [" ".join(f"{v:.6e}" for v in bvp), " ".join(f"{bpm:.6e}" for _ in bvp),
+                 " ".join(f"{o:.6e}" for o in offsets)]
+        fsops.write_bytes_atomic(directory / "ground_truth.txt", ("\n".join(lines) + "\n").encode())
+    elif reference:
+        rows = "".join(f"{o},{v}\n" for o, v in zip(offsets, bvp, strict=True))
+        fsops.write_bytes_atomic(directory / "reference.csv", ("seconds,ppg\n" + rows).encode())
+    first = Decimal(repr(start)).quantize(Decimal("0.000001"))
+    return [f"{first + Decimal(round(i * 1_000_000 / fps)).scaleb(-6):.6f}" for i in range(scene.count)]
+
+
+def write_avi(path: Path, images: Iterable[Image], *, fps: float, size: tuple[int, int]) -> None:
+    """Frames as an MJPEG AVI, the container UBFC-rPPG uses (OpenCV's own muxer: no creation time)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, size)
+    if not writer.isOpened():
+        raise OSError(f"cannot write {path}")
+    try:
+        for image in images:
+            writer.write(image)
+    finally:
+        writer.release()
+
+
+def _ebml(ident: int, body: bytes) -> bytes:
+    """One EBML element: its ID, its size as an 8-byte variable-length integer, its body."""
+    return ident.to_bytes((ident.bit_length() + 7) // 8, "big") + (0x01 << 56 | len(body)).to_bytes(8, "big") + body
+
+
+def _uint(value: int) -> bytes:
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def write_mkv(path: Path, images: Iterable[Image], times_ms: list[int], *, created: float | None = None,
+              quality: int = 95) -> None:
+    """Frames as MJPEG in Matroska at ``times_ms`` (any increasing times: variable frame rate).
+
+    Written directly (EBML: header, Info with DateUTC when ``created`` is given, one video
+    track, clusters of SimpleBlocks), because OpenCV's writer only knows constant rates.
+    """
+    width = height = 0
+    cluster_start, pending = 0, b""
+    clusters: list[bytes] = []
+    for image, at in zip(images, times_ms, strict=True):
+        height, width = image.shape[:2]
+        ok, jpeg = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+        if not ok:
+            raise OSError("cv2 could not encode a frame as JPEG")
+        if at - cluster_start > 30_000 or not pending:
+            if pending:
+                clusters.append(_ebml(0x1F43B675, pending))
+            cluster_start, pending = at, _ebml(0xE7, _uint(at))
+        block = b"\x81" + (at - cluster_start).to_bytes(2, "big", signed=True) + b"\x80" + jpeg.tobytes()
+        pending += _ebml(0xA3, block)
+    if pending:
+        clusters.append(_ebml(0x1F43B675, pending))
+    header = _ebml(0x1A45DFA3, _ebml(0x4286, b"\x01") + _ebml(0x42F7, b"\x01") + _ebml(0x42F2, b"\x04")
+                   + _ebml(0x42F3, b"\x08") + _ebml(0x4282, b"matroska") + _ebml(0x4287, b"\x04")
+                   + _ebml(0x4285, b"\x02"))
+    info = _ebml(0x2AD7B1, _uint(1_000_000)) + _ebml(0x4D80, b"caired") + _ebml(0x5741, b"caired synth")
+    if times_ms:
+        info += _ebml(0x4489, struct.pack(">d", float(times_ms[-1] + 1)))
+    if created is not None:
+        ns = int((Decimal(repr(created)) - 978307200).scaleb(9))
+        info += _ebml(0x4461, struct.pack(">q", ns))
+    track = _ebml(0xAE, _ebml(0xD7, b"\x01") + _ebml(0x73C5, b"\x01") + _ebml(0x83, b"\x01")
+                  + _ebml(0x86, b"V_MJPEG") + _ebml(0xE0, _ebml(0xB0, _uint(width)) + _ebml(0xBA, _uint(height))))
+    segment = _ebml(0x18538067, _ebml(0x1549A966, info) + _ebml(0x1654AE6B, track) + b"".join(clusters))
+    fsops.write_bytes_atomic(path, header + segment)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from decimal import Decimal
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import structlog
@@ -21,6 +22,7 @@ from caired._trio import open_nursery
 from caired.attempt import Tally
 from caired.cli import add_bool, add_common, command
 from caired.config import Config
+from caired.errors import ExitCode
 from caired.frames import encode_workers
 from caired.fsops import shown
 from caired.progress import progress_line, render
@@ -49,9 +51,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         sub,
         "stream",
         _main,
-        help="stream one folder of frames as one session and exit",
+        help="stream one folder of frames (or a video, or a dataset's session) as one session and exit",
         description="""
-            Stream one folder of <timestamp>.png frames to the backend as one session: the frames
+            Stream one folder of <timestamp>.png or .jpg frames, one video file (or a folder holding
+            one), or a UBFC-rPPG or PURE session to the backend as one session: the frames
             leave in timestamp order at --fps, the last is sent again as the end message, and the
             command waits for the 'finished' answer, then exits. Every answer is logged whole, as
             a JSON line on stdout (a readable form and a progress line on a terminal). A dropped
@@ -61,10 +64,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         examples=[
             "caired stream recordings/2025-05-13 --url wss://backend.example:8003/ws/ --api-key-file ~/.caire-key",
             "caired stream images --fps 0 --format raw",
+            "caired stream clip.mp4 --start-time 2025-05-13T16:39:40Z --fps 0",
+            "caired stream UBFC/subject1 --fps 0",
         ],
         notes=EXIT_CODES,
     )
-    p.add_argument("dir", nargs="?", help="folder of <timestamp>.png frames (default: IMAGES_DIR, or ./images)")
+    p.add_argument("dir", nargs="?", help="folder of <timestamp>.png/.jpg frames, a video, or a dataset's session "
+                   "(default: IMAGES_DIR, or ./images)")
+    p.add_argument("--start-time", dest="start_time", metavar="TIME",
+                   help="a video's first frame, UNIX seconds or ISO 8601 with a zone (default: the container's "
+                   "creation time, else the file's modification time minus its duration)")
     add_backend_options(p)
     add_stream_options(p)
     p.add_argument("--retries", dest="retry.attempts", type=int, metavar="N",
@@ -110,15 +119,22 @@ class Stopped:
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> int:
+    from caired.video import parse_start
+
     directory = Path(args.dir if args.dir else cfg.stream.images_dir)
-    stopped = trio.run(stream_until_signalled, cfg, directory)
+    try:
+        start_time = parse_start(args.start_time) if args.start_time is not None else None
+    except ValueError as exc:
+        print(f"caired stream: --start-time: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    stopped = trio.run(stream_until_signalled, cfg, directory, start_time)
     if stopped is None:
         return 0
     print(f"caired stream: {stopped.line()}", file=sys.stderr)
     return stopped.exit_code
 
 
-async def stream_until_signalled(cfg: Config, directory: Path) -> Stopped | None:
+async def stream_until_signalled(cfg: Config, directory: Path, start_time: Decimal | None = None) -> Stopped | None:
     """Stream ``directory``; SIGINT or SIGTERM cancels the session. Returns how a signal stopped it, or None."""
     datapt_id = new_datapt_id()
     tally = Tally()
@@ -135,7 +151,7 @@ async def stream_until_signalled(cfg: Config, directory: Path) -> Stopped | None
                     return
 
             nursery.start_soon(watch)
-            await stream_folder(cfg, directory, datapt_id=datapt_id, tally=tally)
+            await stream_folder(cfg, directory, datapt_id=datapt_id, tally=tally, start_time=start_time)
             finished = True
             nursery.cancel_scope.cancel()
     if finished or not received:
@@ -144,20 +160,27 @@ async def stream_until_signalled(cfg: Config, directory: Path) -> Stopped | None
 
 
 async def stream_folder(
-    cfg: Config, directory: Path, *, datapt_id: str | None = None, tally: Tally | None = None
-) -> None:
-    """One session of ``directory``'s frames; ``tally`` shows how far it got, also when it is cancelled."""
+    cfg: Config, directory: Path, *, datapt_id: str | None = None, tally: Tally | None = None,
+    start_time: Decimal | None = None,
+) -> dict[str, Any]:
+    """One session of ``directory``'s frames; ``tally`` shows how far it got, also when it is cancelled.
+
+    Returns what the daemon's result.json would hold, the reference HR included.
+    """
     limiter = trio.CapacityLimiter(encode_workers())
     datapt_id = datapt_id or new_datapt_id()
     tally = tally if tally is not None else Tally()
     with structlog.contextvars.bound_contextvars(source="cli", session=shown(directory.name), datapt_id=datapt_id):
         try:
-            async with FolderSource(directory, cfg, limiter) as source:  # a user's own folder: links are followed
+            # A user's own folder: links are followed.
+            async with FolderSource(directory, cfg, limiter, start_time=start_time) as source:
                 await source.prepare()
                 async with progress_line(lambda now: render(tally, now)):
                     gate = Gate(cfg.retry, probing=False)  # one session: a rejected key ends it, nothing is probed
-                    await deliver(source, cfg=cfg, gate=gate, name=shown(directory.name), datapt_id=datapt_id,
-                                  limits=Limits(attempts=cfg.retry.attempts or None), tally=tally)
+                    delivered = await deliver(source, cfg=cfg, gate=gate, name=shown(directory.name),
+                                              datapt_id=datapt_id, limits=Limits(attempts=cfg.retry.attempts or None),
+                                              tally=tally)
+                return delivered.result(source="cli", **source.reference_fields(delivered.finished.hr))
         except trio.Cancelled:
             log.warning("session_cancelled", frames_sent=tally.sent, frames_total=tally.total)
             raise

@@ -1,0 +1,118 @@
+"""Research inputs streamed through the strict local backend: JPEG frames, videos, UBFC-rPPG, PURE, references."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from caired.commands.stream import stream_folder
+from caired.emulator.server import BackendState
+from caired.errors import LayoutError, NoFramesError
+from caired.synth import write_layout
+from tests.conftest import BackendFactory, make_config
+
+START = 1747154380.25
+
+
+def sent(state: BackendState) -> list[str]:
+    assert state.violations == []
+    session = state.sessions[-1]
+    assert session.finished
+    return [f.timestamp for f in session.frames]
+
+
+@pytest.mark.parametrize("layout", ["png", "jpeg", "video", "vfr", "ubfc", "pure"])
+async def test_each_layout_streams_at_the_sources_own_times_with_its_reference(
+    backend: BackendFactory, tmp_path: Path, layout: str
+) -> None:
+    folder = tmp_path / "01-01"
+    stamps = write_layout(folder, layout, bpm=84, seconds=8, fps=15, width=96, height=72, seed=1, start=START)
+    state = await backend()
+    result = await stream_folder(make_config(state.port, FPS="0"), folder)
+    assert sent(state) == stamps
+    assert result["reference_hr"] == pytest.approx(84, abs=3)
+    assert result["error_bpm"] is None or isinstance(result["error_bpm"], float)
+    assert result["reference_window"] == [round(float(stamps[0]), 6), round(float(stamps[-1]), 6)]
+
+
+async def test_jpeg_frames_are_byte_identical_on_the_wire_exif_and_all(backend: BackendFactory, tmp_path: Path) -> None:
+    write_layout(tmp_path, "jpeg", seconds=1, fps=5, width=64, height=48, seed=2, start=START, reference=False)
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".jpg"))
+    first = tmp_path / names[0]
+    data = first.read_bytes()
+    exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"
+    first.write_bytes(data[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + data[2:])  # an APP1 segment
+    state = await backend()
+    await stream_folder(make_config(state.port, FPS="0"), tmp_path)
+    on_disk = [hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in names]
+    assert [f.digest for f in state.sessions[0].frames] == on_disk
+    assert {f.kind for f in state.sessions[0].frames} == {"jpeg"}
+
+
+async def test_a_single_video_file_streams_and_start_time_sets_the_clock(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    write_layout(tmp_path, "video", seconds=1, fps=10, width=64, height=48, seed=3, start=START, reference=False)
+    state = await backend()
+    await stream_folder(make_config(state.port, FPS="0"), tmp_path / "clip.avi", start_time=Decimal("1000.5"))
+    assert sent(state) == [f"{Decimal('1000.5') + Decimal(i) / 10:.6f}" for i in range(10)]
+
+
+async def test_a_video_without_creation_time_starts_at_its_mtime_minus_its_duration(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    write_layout(tmp_path, "video", seconds=2, fps=10, width=64, height=48, seed=3, start=START, reference=False)
+    os.utime(tmp_path / "clip.avi", ns=(0, 1_800_000_000_123_456_000))
+    state = await backend()
+    await stream_folder(make_config(state.port, FPS="0"), tmp_path)
+    first = Decimal("1800000000.123456") - 2
+    assert sent(state) == [f"{first + Decimal(i) / 10:.6f}" for i in range(20)]
+
+
+async def test_variable_frame_rate_times_come_from_the_container(backend: BackendFactory, tmp_path: Path) -> None:
+    times = [0.0, 0.033, 0.1, 0.107, 0.5, 0.52, 1.25]
+    stamps = write_layout(tmp_path, "vfr", seconds=7 / 30, fps=30, width=64, height=48, start=START, times=times,
+                          reference=False)
+    state = await backend()
+    await stream_folder(make_config(state.port, FPS="0"), tmp_path)
+    assert sent(state) == stamps == [f"{Decimal('1747154380.25') + Decimal(repr(t)):.6f}" for t in times]
+
+
+@pytest.mark.parametrize(("files", "says"), [
+    ({"ground_truth.txt": b"1 2\n3 4\n0 1\n"}, "ground_truth.txt (UBFC-rPPG) but no vid.avi"),
+    ({"Image1392643993642815000.png": b"x"}, "no session JSON"),
+    ({"a.mp4": b"x", "b.avi": b"y"}, "holds 2 videos"),
+    ({"1.png": b"x", "a.mp4": b"y"}, "both frames and a video"),
+    ({"vid.avi": b"not a video", "ground_truth.txt": b"1\n2\n3\n"}, "cannot be read as a video"),
+    ({"clip.avi": b"RIFF....AVI garbage", }, "cannot be read as a video"),
+    ({"1.png": b"x", "reference.csv": b"time,pulse\n1,2\n"}, "the header is 'time,pulse'"),
+    ({"1.png": b"x", "reference.csv": b"timestamp,hr\n1,abc\n"}, "line 2: 'abc' is not a number"),
+])
+async def test_an_almost_right_layout_fails_with_one_line_naming_what_is_wrong(
+    backend: BackendFactory, tmp_path: Path, files: dict[str, bytes], says: str
+) -> None:
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    state = await backend()
+    with pytest.raises(NoFramesError) as caught:
+        await stream_folder(make_config(state.port, FPS="0"), tmp_path)
+    assert says in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert state.sessions == []
+
+
+async def test_a_pure_json_whose_times_match_no_frame_is_refused(backend: BackendFactory, tmp_path: Path) -> None:
+    folder = tmp_path / "02-01"
+    write_layout(folder, "pure", seconds=1, fps=5, width=64, height=48, seed=1, start=START)
+    document = json.loads((folder / "02-01.json").read_text())
+    for entry in document["/Image"]:
+        entry["Timestamp"] += 7
+    (folder / "02-01.json").write_text(json.dumps(document))
+    state = await backend()
+    with pytest.raises(LayoutError, match="match none of the frames"):
+        await stream_folder(make_config(state.port, FPS="0"), folder)
