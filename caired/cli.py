@@ -37,6 +37,7 @@ COMMANDS: Final = (
     "caired.commands.synth",
     "caired.commands.demo",
     "caired.commands.plot",
+    "caired.commands.evaluate",
     "caired.commands.queue",
     "caired.commands.requeue",
     "caired.commands.hold",

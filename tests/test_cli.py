@@ -17,7 +17,7 @@ from caired import cli
 from caired.errors import ExitCode
 from tests.conftest import cli_env
 
-NAMES = ("stream", "run", "record", "check-config", "backend", "synth", "demo", "plot",
+NAMES = ("stream", "run", "record", "check-config", "backend", "synth", "demo", "plot", "evaluate",
          "queue", "requeue", "hold", "release", "delete", "retry-now")
 
 
