@@ -61,6 +61,7 @@ _HR: Final[Colour] = (150, 95, 25)
 _FINAL: Final[Colour] = (0, 130, 240)
 WARMUP: Final[Colour] = (200, 110, 200)  # answers without an HR yet (violet)
 FEEDBACK: Final[Colour] = (60, 170, 60)  # answers carrying feedback (green)
+REFERENCE: Final[Colour] = (120, 140, 0)  # the reference HR (teal): ground truth from the session's reference
 
 
 @attrs.frozen
@@ -88,6 +89,9 @@ class SessionLog:
     readings: list[Reading] = attrs.field(factory=list)
     finished_hr: float | None = None  # the 'finished' answer's inference.hr
     reported_hr: float | None = None  # session_finished's hr
+    reference_hr: float | None = None  # the reference HR over the streamed frames (reference_hr event)
+    reference_series: list[tuple[float, float]] = attrs.field(factory=list)  # (UNIX seconds, bpm)
+    reference_start: float | None = None  # the first frame's time, on the frames' clock
 
     @property
     def final_hr(self) -> float | None:
@@ -138,7 +142,11 @@ def render(session: SessionLog, *, size: tuple[int, int] = SIZE) -> Canvas:
     placed = [(x, r) for r in session.readings if r.hr is not None and (x := place(r)) is not None]
     hr_points = sorted((x, r.hr) for x, r in placed if r.hr is not None and r.state != "finished")
     finished = [(x, r.hr) for x, r in placed if r.hr is not None and r.state == "finished"]
-    xs = [t - origin for t in stamps] + [x for x, _ in hr_points + finished]
+    # The reference is on the frames' clock: against the rPPG timestamps when there are some, else from
+    # the first frame, which the axis then takes to be the first answer's time.
+    ref_origin = origin if stamps else (session.reference_start or 0.0)
+    ref_points = [(t - ref_origin, hr) for t, hr in session.reference_series]
+    xs = [t - origin for t in stamps] + [x for x, _ in hr_points + finished + ref_points]
     x_lo, x_hi = (min(0.0, *xs), max(xs)) if xs else (0.0, 1.0)
     if x_hi - x_lo < 1.0:
         x_hi = x_lo + 1.0
@@ -147,7 +155,8 @@ def render(session: SessionLog, *, size: tuple[int, int] = SIZE) -> Canvas:
     s = _SCALE
     left, right = 90 * s, width - 40 * s
     top = _Panel(canvas, (left, 118 * s, right, 392 * s), (x_lo, x_hi), _signal_range(values))
-    bottom = _Panel(canvas, (left, 440 * s, right, 628 * s), (x_lo, x_hi), _hr_range(hr_points, finished, session))
+    bottom = _Panel(canvas, (left, 440 * s, right, 628 * s), (x_lo, x_hi),
+                    _hr_range(hr_points + ref_points, finished, session))
     top.frame("rPPG signal (a.u.)", x_labels=False)
     bottom.frame("heart rate (bpm)", x_labels=True)
     since = "the first frame" if stamps else "the first answer"
@@ -160,6 +169,12 @@ def render(session: SessionLog, *, size: tuple[int, int] = SIZE) -> Canvas:
         top.note("no rPPG in these answers (advanced off?)")
     if session.final_hr is not None:
         bottom.hline(session.final_hr, _FINAL, f"final {session.final_hr:g} bpm")
+    if len(ref_points) > 1:
+        bottom.line(ref_points, REFERENCE, 2)
+    elif ref_points:
+        bottom.dot(ref_points[0], REFERENCE, 4)
+    if session.reference_hr is not None:
+        bottom.hline_right(session.reference_hr, REFERENCE, f"reference {session.reference_hr:g} bpm")
     if hr_points:
         bottom.line(hr_points, _HR, 2)
         for point in hr_points:
@@ -298,6 +313,9 @@ def _absorb(session: SessionLog, record: dict[str, Any]) -> None:
     if event == "session_finished":
         session.reported_hr = _number(record.get("hr"), minimum=0.0)
         return
+    if event == "reference_hr":
+        _absorb_reference(session, record)
+        return
     response = record.get("response")
     if event != "response" or not isinstance(response, dict):
         return
@@ -309,6 +327,18 @@ def _absorb(session: SessionLog, record: dict[str, Any]) -> None:
                                     feedback=answer.feedback))
     if state == "finished" and answer.hr is not None:
         session.finished_hr = answer.hr
+
+
+def _absorb_reference(session: SessionLog, record: dict[str, Any]) -> None:
+    """The reference HR and its series over time, as FolderSource logs them; malformed parts are left out."""
+    session.reference_hr = _number(record.get("reference_hr"), minimum=0.0)
+    window = record.get("window")
+    if isinstance(window, list) and window:
+        session.reference_start = _number(window[0])
+    times, hrs = record.get("series_t"), record.get("series_hr")
+    if isinstance(times, list) and isinstance(hrs, list) and len(times) == len(hrs):
+        pairs = [(_number(t), _number(h, minimum=0.0)) for t, h in zip(times, hrs, strict=True)]
+        session.reference_series = [(t, h) for t, h in pairs if t is not None and h is not None]
 
 
 def _window(advanced: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -390,7 +420,8 @@ def _signal_range(values: list[float]) -> tuple[float, float]:
 def _hr_range(
     points: list[tuple[float, float]], finished: list[tuple[float, float]], session: SessionLog
 ) -> tuple[float, float]:
-    hrs = [hr for _, hr in points + finished] + ([session.final_hr] if session.final_hr is not None else [])
+    levels = (session.final_hr, session.reference_hr)
+    hrs = [hr for _, hr in points + finished] + [hr for hr in levels if hr is not None]
     if not hrs:
         return (40.0, 120.0)
     lo, hi = min(hrs), max(hrs)
@@ -505,6 +536,17 @@ class _Panel:
         (w, h), _ = cv2.getTextSize(label, _FONT, 0.5 * s, s)
         cv2.rectangle(self.canvas, (x0 + 6 * s, py - h - 12 * s), (x0 + 14 * s + w, py - 4 * s), _PANEL, -1)
         _text(self.canvas, label, (x0 + 10 * s, py - 8 * s), 0.5, colour)
+
+    def hline_right(self, y: float, colour: Colour, label: str) -> None:
+        """A dotted level line, labelled at its right end (the left end is the final HR's)."""
+        s = _SCALE
+        x0, _, x1, _ = self.box
+        _, py = self.px(self.xlim[0], y)
+        for x in range(x0, x1, 10 * s):
+            cv2.line(self.canvas, (x, py), (min(x + 4 * s, x1), py), colour, 2 * s, cv2.LINE_AA)
+        (w, h), _ = cv2.getTextSize(label, _FONT, 0.5 * s, s)
+        cv2.rectangle(self.canvas, (x1 - 14 * s - w, py + 4 * s), (x1 - 6 * s, py + h + 12 * s), _PANEL, -1)
+        _text(self.canvas, label, (x1 - 10 * s - w, py + h + 8 * s), 0.5, colour)
 
     def note(self, text: str) -> None:
         x0, y0, x1, y1 = self.box

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -264,11 +264,13 @@ class FolderSource:
             raise NoFramesError(f"{self._shown}: not prepared, or already closed")
         stream_cfg = self.cfg.stream
         window = _Window()
+        reader: video.VideoReader | None = None
         if self.layout.video is not None:
             label = f"{self._shown}: {shown(self.layout.video)}"
             reader = await trio.to_thread.run_sync(functools.partial(
                 video.VideoReader, self._video_fd, label, self._video_start, max_pixels=stream_cfg.max_frame_pixels))
-            items: Any = window.watch_async(video.frames(reader, self.limiter))
+            decoded = video.frames(reader, self.limiter)
+            items: Any = window.watch_async(decoded)
             encode: Callable[[Any], EncodedFrame] = functools.partial(
                 _encode_video_frame, fmt=stream_cfg.format, quality=stream_cfg.jpeg_quality)
             batch = 1
@@ -281,9 +283,16 @@ class FolderSource:
 
             items = window.watch(self.frames)
             batch = RAW_BATCH if stream_cfg.format == "raw" else 1
-        async with encode_pipeline(items, encode, depth=stream_cfg.send_queue, limiter=self.limiter,
-                                   batch=batch) as chan:
-            yield Feed(chan, self._skip)
+        try:
+            async with encode_pipeline(items, encode, depth=stream_cfg.send_queue, limiter=self.limiter,
+                                       batch=batch) as chan:
+                yield Feed(chan, self._skip)
+        finally:
+            if reader is not None:  # the decoder goes now, not when the generators are collected
+                with trio.CancelScope(shield=True):
+                    await items.aclose()
+                    await decoded.aclose()
+                reader.close()
         if window.complete and window.first is not None and window.last is not None:
             self._report(window.first, window.last)
 
@@ -351,7 +360,7 @@ class _Window:
             yield ref
         self.complete = True
 
-    async def watch_async(self, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def watch_async(self, items: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
         async for item in items:
             if isinstance(item, video.VideoFrame):
                 self._saw(item.timestamp)

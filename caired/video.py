@@ -24,7 +24,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
@@ -279,7 +279,9 @@ class VideoReader:
             self._capture.release()
 
 
-async def frames(reader: VideoReader, limiter: trio.CapacityLimiter) -> AsyncIterator[VideoFrame | FrameError]:
+async def frames(
+    reader: VideoReader, limiter: trio.CapacityLimiter
+) -> AsyncGenerator[VideoFrame | FrameError, None]:
     """The reader's frames, decoded a few at a time in a worker thread."""
     try:
         while True:

@@ -116,3 +116,39 @@ async def test_a_pure_json_whose_times_match_no_frame_is_refused(backend: Backen
     state = await backend()
     with pytest.raises(LayoutError, match="match none of the frames"):
         await stream_folder(make_config(state.port, FPS="0"), folder)
+
+
+async def test_plot_draws_the_reference_over_the_backends_hr(backend: BackendFactory, tmp_path: Path) -> None:
+    import numpy as np
+    import structlog
+
+    from caired.plot import REFERENCE, read_log, render
+
+    folder = tmp_path / "s"
+    write_layout(folder, "ubfc", bpm=80, seconds=14, fps=15, width=96, height=72, seed=1, start=START)
+    state = await backend()
+    with structlog.testing.capture_logs() as logs:
+        await stream_folder(make_config(state.port, FPS="0"), folder)
+    log = tmp_path / "run.jsonl"
+    log.write_text("".join(json.dumps(record | {"session": "s"}) + "\n" for record in logs))
+    found = read_log(log, "s")
+    reference = next(r for r in logs if r["event"] == "reference_hr")
+    assert found.reference_hr == reference["reference_hr"] == pytest.approx(80, abs=2)
+    assert len(found.reference_series) == len(reference["series_t"]) > 1
+    teal = np.all(render(found) == np.array(REFERENCE, dtype=np.uint8), axis=2).sum()
+    found.reference_hr, found.reference_series = None, []
+    assert teal > 100 and np.all(render(found) == np.array(REFERENCE, dtype=np.uint8), axis=2).sum() == 0
+
+
+async def test_a_video_session_retried_after_a_drop_starts_again_from_its_first_frame(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    from caired.emulator.server import Faults
+
+    stamps = write_layout(tmp_path, "ubfc", bpm=70, seconds=8, fps=10, width=64, height=48, seed=4, start=START)
+    state = await backend(faults=Faults(drop_after=5, drop_times=1))
+    result = await stream_folder(make_config(state.port, FPS="0"), tmp_path)
+    assert len(state.sessions) == 2 and result["attempts"] == 2
+    assert [f.timestamp for f in state.sessions[0].frames] == stamps[:5]
+    assert sent(state) == stamps
+    assert result["reference_hr"] == pytest.approx(70, abs=3)
