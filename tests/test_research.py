@@ -152,3 +152,15 @@ async def test_a_video_session_retried_after_a_drop_starts_again_from_its_first_
     assert [f.timestamp for f in state.sessions[0].frames] == stamps[:5]
     assert sent(state) == stamps
     assert result["reference_hr"] == pytest.approx(70, abs=3)
+
+
+async def test_caired_synth_writes_a_layout_that_caired_stream_recognises(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    done = await run_cli("synth", str(tmp_path / "01-01"), "--layout", "pure", "--seconds", "1", "--fps", "5",
+                         "--width", "32", "--height", "24", "--start", "1747154380")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "01-01")) == ["01-01", "01-01.json"]
+    assert len(os.listdir(tmp_path / "01-01" / "01-01")) == 5
+    missing = await run_cli("stream", str(tmp_path / "none"), "--start-time", "yesterday")
+    assert missing.returncode == 2 and "--start-time" in missing.stderr.decode()
