@@ -164,3 +164,34 @@ async def test_caired_synth_writes_a_layout_that_caired_stream_recognises(tmp_pa
     assert len(os.listdir(tmp_path / "01-01" / "01-01")) == 5
     missing = await run_cli("stream", str(tmp_path / "none"), "--start-time", "yesterday")
     assert missing.returncode == 2 and "--start-time" in missing.stderr.decode()
+
+
+async def test_the_daemon_recognises_dropped_layouts_and_files_almost_right_ones(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    from tests.test_daemon import daemon_config, log_lines, running, until
+
+    spool, staging = tmp_path / "spool", tmp_path / "staging"
+    (spool / "incoming").mkdir(parents=True)
+    expected = {}
+    for i, layout in enumerate(["ubfc", "pure", "jpeg", "vfr"]):
+        expected[layout] = write_layout(staging / layout, layout, bpm=75, seconds=6, fps=10, width=64, height=48,
+                                        seed=i, start=START + 100 * i)
+    (staging / "broken").mkdir()
+    (staging / "broken" / "ground_truth.txt").write_text("1 2\n3 4\n0 1\n")
+    state = await backend()
+    cfg = daemon_config(state.port, spool, CAIRED_LOG_FILE=str(tmp_path / "log.jsonl"))
+    async with running(cfg):
+        for name in [*expected, "broken"]:
+            os.rename(staging / name, spool / "incoming" / name)
+        await until(lambda: len(os.listdir(spool / "done")) == 4 and os.listdir(spool / "failed"), "every folder")
+    assert sorted(os.listdir(spool / "done")) == sorted(expected)
+    assert state.violations == []
+    by_first = {s.frames[0].timestamp: [f.timestamp for f in s.frames] for s in state.sessions if s.finished}
+    for stamps in expected.values():
+        assert by_first[stamps[0]] == stamps
+    error = json.loads((spool / "failed" / "broken" / "error.json").read_text())
+    assert "ground_truth.txt (UBFC-rPPG) but no vid.avi beside it" in error["reason"]
+    layouts = {line["session"]: line["layout"] for line in log_lines(tmp_path / "log.jsonl")
+               if line["event"] == "source_layout"}
+    assert layouts == {"ubfc": "ubfc", "pure": "pure", "jpeg": "frames", "vfr": "video"}
