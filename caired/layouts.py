@@ -18,8 +18,10 @@ NoFramesError. ``Layout.explanation`` says why the layout was chosen, for the lo
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any, Final, Literal
 
 import attrs
@@ -139,6 +141,10 @@ def classify(entries: Iterable[Entry], label: str) -> Layout:
         raise LayoutError(f"{label}: holds both frames and a video ({_names(videos)}); one session streams one "
                           "of them: put each in a folder of its own")
     if listing.frames:
+        for a, b in itertools.pairwise(listing.frames):
+            if Decimal(a.timestamp) == Decimal(b.timestamp):
+                raise LayoutError(f"{label}: {shown(a.name)} and {shown(b.name)} carry the same time; "
+                                  "keep one of them")
         jpegs = sum(1 for ref in listing.frames if ref.is_jpeg)
         kinds = "JPEG" if jpegs == len(listing.frames) else "PNG" if not jpegs else "PNG and JPEG"
         rest = [n for n in files if n not in known and sort_frames([n]).frames == ()]

@@ -200,10 +200,31 @@ def _capture(fd: int, label: str) -> Any:
     return capture
 
 
+_MP4_FIRST_BOXES: Final = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+
+
+def check_container(fd: int, label: str) -> None:
+    """VideoError unless the file starts as an AVI, MP4/MOV or Matroska file does.
+
+    FFmpeg picks a demuxer by content, not by name: a text file named ``.mp4`` that is an
+    HLS playlist or a concat list would make it open other files or URLs. Only the three
+    containers caired reads go to the decoder.
+    """
+    head = _pread(fd, 12, 0)
+    if head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"AVIX"):
+        return
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return
+    if len(head) >= 8 and head[4:8] in _MP4_FIRST_BOXES:
+        return
+    raise VideoError(f"{label}: not an AVI, MP4, MOV or Matroska file (its first bytes say otherwise)")
+
+
 def probe(fd: int, name: str, label: str, *, max_pixels: int) -> VideoInfo:
     """Size, rate, duration and creation time; VideoError when it is no video or too big a picture."""
     import cv2
 
+    check_container(fd, label)
     capture = _capture(fd, label)
     try:
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))

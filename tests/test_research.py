@@ -88,8 +88,10 @@ async def test_variable_frame_rate_times_come_from_the_container(backend: Backen
     ({"Image1392643993642815000.png": b"x"}, "no session JSON"),
     ({"a.mp4": b"x", "b.avi": b"y"}, "holds 2 videos"),
     ({"1.png": b"x", "a.mp4": b"y"}, "both frames and a video"),
-    ({"vid.avi": b"not a video", "ground_truth.txt": b"1\n2\n3\n"}, "cannot be read as a video"),
+    ({"vid.avi": b"not a video", "ground_truth.txt": b"1\n2\n3\n"}, "vid.avi: not an AVI, MP4, MOV or Matroska"),
     ({"clip.avi": b"RIFF....AVI garbage", }, "cannot be read as a video"),
+    ({"clip.mp4": b"#EXTM3U\n#EXTINF:1,\nhttp://127.0.0.1:9/x.ts\n"}, "not an AVI, MP4, MOV or Matroska"),
+    ({"1.5.png": b"x", "1.50.jpg": b"y"}, "carry the same time"),
     ({"1.png": b"x", "reference.csv": b"time,pulse\n1,2\n"}, "the header is 'time,pulse'"),
     ({"1.png": b"x", "reference.csv": b"timestamp,hr\n1,abc\n"}, "line 2: 'abc' is not a number"),
 ])
