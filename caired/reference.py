@@ -6,8 +6,8 @@ Three forms are read, each from bytes already read safely (capped, no link follo
   the frames), or ``seconds,hr`` / ``seconds,ppg`` (seconds from the session's first frame);
 - UBFC-rPPG's ``ground_truth.txt``: three lines of numbers (PPG, HR, seconds from the
   video's start);
-- PURE's session JSON: ``/FullPackage`` (the oximeter's ``waveform`` and ``pulseRate``,
-  nanosecond timestamps) and ``/Image`` (each frame's nanosecond timestamp).
+- PURE's session JSON: ``/FullPackage`` (the oximeter's ``waveform``, nanosecond
+  timestamps) and ``/Image`` (each frame's nanosecond timestamp).
 
 Every parser raises GroundTruthError (a ValueError) with one line for anything else,
 whatever the bytes hold. The HR over a window is the mean of the HR samples in it, or,
@@ -156,7 +156,7 @@ def _depth_ok(value: Any, limit: int = 32) -> bool:
 
 
 def parse_pure(data: bytes, *, origin: str) -> tuple[Reference, tuple[int, ...]]:
-    """PURE's session JSON: the oximeter's waveform (or pulse rate) and the frames' nanosecond timestamps."""
+    """PURE's session JSON: the oximeter's waveform and the frames' nanosecond timestamps."""
     try:
         document = json.loads(_text(data, origin))
     except (ValueError, RecursionError) as exc:
@@ -176,19 +176,16 @@ def parse_pure(data: bytes, *, origin: str) -> tuple[Reference, tuple[int, ...]]
         stamps.append(stamp)
     times: list[float] = []
     wave: list[float] = []
-    rate: list[float] = []
     for i, entry in enumerate(package):
         stamp = entry.get("Timestamp") if isinstance(entry, dict) else None
         value = entry.get("Value") if isinstance(entry, dict) else None
         if not isinstance(stamp, int) or isinstance(stamp, bool) or not isinstance(value, dict):
             raise GroundTruthError(f"{origin}: /FullPackage[{i}] has no integer Timestamp and Value")
-        w, r = value.get("waveform"), value.get("pulseRate")
-        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (w, r)):
-            raise GroundTruthError(f"{origin}: /FullPackage[{i}] has no numeric waveform and pulseRate")
-        assert isinstance(w, int | float) and isinstance(r, int | float)
+        w = value.get("waveform")
+        if not isinstance(w, int | float) or isinstance(w, bool):
+            raise GroundTruthError(f"{origin}: /FullPackage[{i}] has no numeric waveform")
         times.append(stamp / 1e9)
         wave.append(float(w))
-        rate.append(float(r))
     return _check("ppg", times, wave, origin + " (PURE oximeter waveform)"), tuple(stamps)
 
 

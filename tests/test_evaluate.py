@@ -17,7 +17,7 @@ from caired.evaluate import collect, metrics
 from caired.frames import jpeg_size
 from caired.layouts import Entry, classify, ns_timestamp
 from caired.reference import Reference, parse_csv, parse_pure, parse_ubfc, window_hr
-from caired.video import mkv_creation_time, mp4_creation_time
+from caired.video import creation_time, mkv_creation_time, mp4_creation_time
 from tests.conftest import run_cli
 
 
@@ -85,6 +85,31 @@ def test_layout_classification_is_a_layout_or_one_line(entries: list[tuple[bytes
         assert "\n" not in str(err)
     else:
         assert layout.frames or layout.video or layout.images
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=120), st.sampled_from(["a.mp4", "a.mov", "a.mkv", "a.avi"]))
+def test_creation_time_parsers_never_raise_on_any_bytes(data: bytes, name: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryFile() as handle:
+        handle.write(data)
+        handle.flush()
+        found = creation_time(handle.fileno(), name)
+    assert found is None or found.is_finite()
+
+
+@given(st.binary(max_size=64))
+def test_an_mp4_header_with_any_mvhd_body_is_a_time_or_none(body: bytes) -> None:
+    import tempfile
+
+    box = (8 + len(body)).to_bytes(4, "big") + b"mvhd" + body
+    data = (8 + len(box)).to_bytes(4, "big") + b"moov" + box
+    with tempfile.TemporaryFile() as handle:
+        handle.write(data)
+        handle.flush()
+        found = creation_time(handle.fileno(), "x.mp4")
+    assert found is None or found.is_finite()
 
 
 def test_pure_nanoseconds_become_seconds_character_for_character() -> None:
