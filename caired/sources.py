@@ -183,9 +183,24 @@ class FolderSource:
         if folder is None:
             raise NoFramesError(f"{self._shown}: the source was closed")
         try:
-            return self._detect(folder)
+            prepared = self._detect(folder)
         except GroundTruthError as err:
             raise LayoutError(f"{self._shown}: {err}") from None
+        with self._lock:
+            closed = self._closed
+        if closed:  # closed while this thread was let go: what it opened is closed here
+            self._close_opened()
+            raise NoFramesError(f"{self._shown}: the source was closed")
+        return prepared
+
+    def _close_opened(self) -> None:
+        with self._lock:
+            images, self._images = self._images, None
+            fd, self._video_fd = self._video_fd, -1
+        if images is not None:
+            images.close()
+        if fd >= 0:
+            os.close(fd)
 
     def _open(self) -> tuple[FrameFolder, str | None]:
         """The folder, or (``caired stream FILE``) the folder holding the file, and the file's name."""
@@ -248,13 +263,10 @@ class FolderSource:
         """Close the folder's descriptors; the source cannot be opened again. Idempotent."""
         with self._lock:
             self._closed = True
-            folders, self._folder, self._images = (self._folder, self._images), None, None
-            fd, self._video_fd = self._video_fd, -1
-        for folder in folders:
-            if folder is not None:
-                folder.close()
-        if fd >= 0:
-            os.close(fd)
+            folder, self._folder = self._folder, None
+        if folder is not None:
+            folder.close()
+        self._close_opened()
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
@@ -293,6 +305,10 @@ class FolderSource:
                     await items.aclose()
                     await decoded.aclose()
                 reader.close()
+        if window.complete and reader is not None and window.count < self._video_frames and not self._reported:
+            # A truncated file or a decoder error ends a video where it happened: say so, once.
+            log.warning("video_ended_early", frames=window.count, container_frames=self._video_frames,
+                        video=self.layout.video)
         if window.complete and window.first is not None and window.last is not None:
             self._report(window.first, window.last)
 
@@ -348,8 +364,10 @@ class _Window:
     first: float | None = None
     last: float | None = None
     complete: bool = False
+    count: int = 0
 
     def _saw(self, timestamp: str) -> None:
+        self.count += 1
         value = float(timestamp)
         self.first = value if self.first is None else self.first
         self.last = value

@@ -185,7 +185,7 @@ class VideoInfo:
     width: int
     height: int
     fps: float
-    frames: int
+    frames: int  # as the container says; 0 when it does not know
     duration: Decimal
     created: Decimal | None
 
@@ -238,7 +238,10 @@ def probe(fd: int, name: str, label: str, *, max_pixels: int) -> VideoInfo:
     if width * height > max_pixels:
         raise VideoError(f"{label}: is {width}x{height} pixels, more than stream.max_frame_pixels ({max_pixels})")
     duration = Decimal(count) / Decimal(repr(fps)) if fps > 0 and count > 0 else Decimal(0)
-    return VideoInfo(width, height, fps, max(count, 0), duration.quantize(MICROSECOND), creation_time(fd, name))
+    # Matroska keeps no frame count: FFmpeg's is its duration times a nominal rate (19970 for 600
+    # frames of a variable-rate clip), right for the duration, wrong as a count.
+    frames = 0 if name.lower().endswith(".mkv") else max(count, 0)
+    return VideoInfo(width, height, fps, frames, duration.quantize(MICROSECOND), creation_time(fd, name))
 
 
 def start_time(fd: int, info: VideoInfo, given: Decimal | None) -> tuple[Decimal, str]:

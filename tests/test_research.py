@@ -197,3 +197,24 @@ async def test_the_daemon_recognises_dropped_layouts_and_files_almost_right_ones
     layouts = {line["session"]: line["layout"] for line in log_lines(tmp_path / "log.jsonl")
                if line["event"] == "source_layout"}
     assert layouts == {"ubfc": "ubfc", "pure": "pure", "jpeg": "frames", "vfr": "video"}
+
+
+async def test_a_truncated_video_streams_what_it_holds_and_says_it_ended_early(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    import structlog
+
+    stamps = write_layout(tmp_path, "video", seconds=3, fps=10, width=64, height=48, seed=5, start=START,
+                          reference=False)
+    clip = tmp_path / "clip.avi"
+    data = clip.read_bytes()
+    stat = clip.stat()
+    clip.write_bytes(data[: len(data) // 2])  # the index at the end is gone too: FFmpeg reads on to the cut
+    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    state = await backend()
+    with structlog.testing.capture_logs() as logs:
+        await stream_folder(make_config(state.port, FPS="0"), tmp_path, start_time=Decimal("1747154380.25"))
+    got = sent(state)
+    assert 0 < len(got) < len(stamps) and got == stamps[: len(got)]
+    ended = [r for r in logs if r["event"] == "video_ended_early"]
+    assert [(r["frames"], r["container_frames"]) for r in ended] == [(len(got), len(stamps))]
