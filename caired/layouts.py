@@ -129,7 +129,8 @@ def classify(entries: Iterable[Entry], label: str) -> Layout:
                       frames=frames, ignored=len(rest), examples=tuple(shown(n) for n in rest[:3]),
                       **ref(_text(jsons[0]), "pure"))
 
-    listing = sort_frames(files)
+    # A folder or a FIFO named like a frame is a frame that will fail to read, with its reason.
+    listing = sort_frames([entry.name for entry in visible])
     if not listing.frames and not videos and len(folders) == 1 and folders[0] + b".json" in jsons:
         return Layout("pure", f"PURE session: frames in {shown(folders[0])}/ with {shown(folders[0] + b'.json')}"
                       f"{csv_note}", images=_text(folders[0]), **ref(_text(folders[0] + b".json"), "pure"))
@@ -147,7 +148,7 @@ def classify(entries: Iterable[Entry], label: str) -> Layout:
                                   "keep one of them")
         jpegs = sum(1 for ref in listing.frames if ref.is_jpeg)
         kinds = "JPEG" if jpegs == len(listing.frames) else "PNG" if not jpegs else "PNG and JPEG"
-        rest = [n for n in files if n not in known and sort_frames([n]).frames == ()]
+        rest = [entry.name for entry in visible if entry.name not in known and not sort_frames([entry.name]).frames]
         return Layout("frames", f"{len(listing.frames)} {kinds} frames named by timestamp{csv_note}",
                       frames=listing.frames, ignored=len(rest), examples=tuple(shown(n) for n in rest[:3]),
                       **ref(None, None))
