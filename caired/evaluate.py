@@ -91,7 +91,8 @@ def from_log(path: Path) -> list[Row]:
 
 
 def from_result(path: Path) -> Row:
-    data = path.read_bytes()[:MAX_RESULT + 1]
+    with path.open("rb") as handle:
+        data = handle.read(MAX_RESULT + 1)
     try:
         result = json.loads(data) if len(data) <= MAX_RESULT else None
     except (ValueError, RecursionError):
@@ -107,26 +108,25 @@ def collect(paths: Iterable[Path]) -> list[Row]:
     """Every session the paths hold: logs, result.json files, spools (done/), session folders."""
     rows: list[Row] = []
     for path in paths:
-        if path.is_dir():
-            done = path / "done"
-            if done.is_dir():
-                for name in sorted(os.listdir(done)):
-                    result = done / name / "result.json"
-                    if result.is_file():
-                        rows.append(from_result(result))
-            elif (path / "result.json").is_file():
-                rows.append(from_result(path / "result.json"))
-            else:
-                raise NoFramesError(f"{path}: neither a spool (no done/) nor a session folder (no result.json)")
-        elif path.is_file():
-            head = path.read_bytes()[:1].strip() if path.stat().st_size else b""
-            if path.suffix == ".json" and head == b"{" and path.name == "result.json":
-                rows.append(from_result(path))
-            else:
-                rows.extend(from_log(path))
-        else:
-            raise NoFramesError(f"{path}: no such file or folder")
+        try:
+            rows.extend(_collect_one(path))
+        except OSError as exc:
+            raise NoFramesError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     return rows
+
+
+def _collect_one(path: Path) -> list[Row]:
+    if path.is_dir():
+        done = path / "done"
+        if done.is_dir():
+            results = (done / name / "result.json" for name in sorted(os.listdir(done)))
+            return [from_result(result) for result in results if result.is_file()]
+        if (path / "result.json").is_file():
+            return [from_result(path / "result.json")]
+        raise NoFramesError(f"{path}: neither a spool (no done/) nor a session folder (no result.json)")
+    if path.is_file():
+        return [from_result(path)] if path.name.endswith("result.json") else from_log(path)
+    raise NoFramesError(f"{path}: no such file or folder")
 
 
 def metrics(rows: Iterable[Row]) -> dict[str, float | int | None]:
