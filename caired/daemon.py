@@ -217,7 +217,8 @@ async def run_folder_session(ctx: Context, claim: Claim) -> None:
                                       on_attempt=lambda _n: claim.begin_attempt(), on_attempt_end=claim.end_attempt,
                                       stats=ctx.stats, backend=lambda: ctx.cfg.backend)
         return Done(delivered.result(source=claim.source, frames_ignored=source.ignored,
-                                     frames_unreadable=sorted(source.skipped)))
+                                     frames_unreadable=sorted(source.skipped),
+                                     **source.reference_fields(delivered.finished.hr)))
 
     await run_session(ctx, claim, stream)
 

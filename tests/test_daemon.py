@@ -306,6 +306,8 @@ async def test_permanent_failures_go_to_failed_and_the_daemon_goes_on(
                         CAIRED_LOG_FILE=str(log))
     async with running(cfg) as daemon:
         await until(lambda: names_in(spool, "done") == ["good"], "the good folder in done/")
+        # The folder lands in done/ a moment before its session counts itself finished.
+        await until(lambda: daemon.sessions.finished == 1, "the session counted")
         assert daemon.sessions.failed == 2 and daemon.sessions.finished == 1
     assert names_in(spool, "failed") == ["big", "junk"]
     big = json.loads((spool / "failed" / "big" / "error.json").read_text())

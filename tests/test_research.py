@@ -197,6 +197,9 @@ async def test_the_daemon_recognises_dropped_layouts_and_files_almost_right_ones
     layouts = {line["session"]: line["layout"] for line in log_lines(tmp_path / "log.jsonl")
                if line["event"] == "source_layout"}
     assert layouts == {"ubfc": "ubfc", "pure": "pure", "jpeg": "frames", "vfr": "video"}
+    for name in ("ubfc", "pure"):  # result.json carries the reference beside the backend's HR
+        result = json.loads((spool / "done" / name / "result.json").read_text())
+        assert result["reference_hr"] == pytest.approx(75, abs=3) and "reference_method" in result
 
 
 async def test_a_truncated_video_streams_what_it_holds_and_says_it_ended_early(
