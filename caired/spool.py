@@ -234,7 +234,7 @@ def validate_session(data: Any, folder_name: str) -> dict[str, Any]:
     if not isinstance(in_attempt, bool):
         raise ValueError("in_attempt is not true or false")
     source = data.get("source", "drop")
-    if source not in SOURCES:
+    if not isinstance(source, str) or source not in SOURCES:  # a list or an object cannot even be looked up
         raise ValueError(f"source is not one of {', '.join(sorted(SOURCES))}")
     first = data.get("first_claimed_at", "")
     if not isinstance(first, str) or len(first) > 64:
