@@ -290,9 +290,10 @@ def remove_tree(parent_fd: int, name: str) -> None:
 
 
 def remove_temporaries(dir_fd: int) -> None:
-    """Remove leftovers of interrupted atomic writes in a folder."""
+    """Remove leftovers of interrupted atomic writes in a folder: regular files only, as
+    ``write_atomic`` makes them (a folder a dropper named so is not ours to remove)."""
     for entry in os.scandir(dir_fd):
-        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX):
+        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.name, dir_fd=dir_fd)
 
