@@ -130,6 +130,9 @@ ENTRIES: dict[str, st.SearchStrategy[Entry]] = {
     "link_dev_zero": st.tuples(st.just("link_dev_zero"), st.none()),
     "link_outside": st.tuples(st.just("link_outside"), st.none()),
     "sparse_2gb": st.tuples(st.just("sparse_2gb"), st.none()),
+    # Stems near the folder's own (a backend resamples the whole span: 0 to 2e9 s would be its problem).
+    "odd_stem": st.tuples(st.just("odd_stem"), st.sampled_from(["{b}.PNG", "000{b}.png", "{b}.5" + "9" * 200 + ".png",
+                                                                 "{b}.0.png", "{b}.00.png", "{b}.png"])),
     "non_utf8_file": st.tuples(st.just("non_utf8_file"), st.binary(min_size=1, max_size=8).map(
         lambda b: b.replace(b"/", b"_").replace(b"\0", b"_"))),
     "deep_tree": st.tuples(st.just("deep_tree"), st.integers(1000, 1200)),
@@ -377,6 +380,12 @@ def plant_folder(case: FolderCase, ident: int, staging: Path, incoming: Path, sp
             if certain:
                 unreadable.add(name.decode())
             else:
+                maybe += 1
+        elif kind == "odd_stem":  # a readable frame with a name that is a number, but an odd one
+            path = os.path.join(where, params.format(b=int(base) + 700).encode())
+            if not os.path.lexists(path):
+                with open(path, "wb") as f:
+                    f.write(good_png(ident + 1))
                 maybe += 1
         elif kind == "non_utf8_file":
             with open(os.path.join(where, b"%d" % next(numbers) + params + b"\xff.png"), "wb") as f:
