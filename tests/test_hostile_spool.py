@@ -969,3 +969,36 @@ def test_a_session_file_with_a_source_that_is_not_a_known_name_is_set_aside(tmp_
     assert json.loads((claim.path / INVALID_SESSION_FILE).read_text()) == good
     box.release(claim)
     box.close()
+
+
+def vm_hwm_self_kib(*, reset: bool = False) -> int:
+    """This process's peak RSS; ``reset``: the peak starts again from the RSS of now."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    return vm_hwm_kib(os.getpid())
+
+
+@pytest.mark.xfail(strict=True, reason="frames.check_png does not yet hold chunk lengths against the file's size: "
+                   "OpenCV allocates what a chunk claims (2 GiB) before it finds the file too short")
+async def test_a_chunk_claiming_2_gib_is_skipped_without_the_memory(backend: BackendFactory, tmp_path: Path) -> None:
+    """Found by the hostile spool: a 32x24 PNG whose IDAT length says 0x7FFFFFFF made the
+    daemon's peak RSS 2.1 GiB (cv2.imdecode reserving the chunk), 30 such frames decoded at
+    once by the encode workers would be the OOM killer's. The frame must be skipped unread."""
+    state = await backend(api_key=SECRET_KEY)
+    spool, _ = _make_spool(tmp_path)
+    folder = tmp_path / "staging" / "lying"
+    write_frames(folder, 3, start=HOSTILE_BASE)
+    (folder / f"{HOSTILE_BASE + 500:.1f}.png").write_bytes(broken_chunks_png(1, "lying_length"))
+    log = tmp_path / "caired.log"
+    cfg = daemon_config(state.port, spool, CAIRED_LOG_FILE=str(log))
+    clog.configure(cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, cfg, notifier=Notifier(None)))
+        before = vm_hwm_self_kib(reset=True)
+        folder.rename(spool / "incoming" / "lying")
+        await until((spool / "done" / "lying" / "result.json").exists, "the folder in done/")
+        peak = vm_hwm_self_kib()
+        nursery.cancel_scope.cancel()
+    result = json.loads((spool / "done" / "lying" / "result.json").read_text())
+    assert result["frames_sent"] == 3 and result["frames_unreadable"] == [f"{HOSTILE_BASE + 500:.1f}.png"]
+    assert peak - before < 256 * 1024, f"peak RSS grew by {(peak - before) / 1024:.0f} MiB"
