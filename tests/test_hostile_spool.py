@@ -1002,3 +1002,32 @@ async def test_a_chunk_claiming_2_gib_is_skipped_without_the_memory(backend: Bac
     result = json.loads((spool / "done" / "lying" / "result.json").read_text())
     assert result["frames_sent"] == 3 and result["frames_unreadable"] == [f"{HOSTILE_BASE + 500:.1f}.png"]
     assert peak - before < 256 * 1024, f"peak RSS grew by {(peak - before) / 1024:.0f} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason="frames.sort_frames keeps every name whose stem parses: two stems of one "
+                   "value (7.png, 7.0.png, 0007.png) are sent as timestamps that do not ascend")
+async def test_frames_whose_names_give_one_timestamp_twice_never_break_the_protocol(
+    backend: BackendFactory, tmp_path: Path
+) -> None:
+    """Found by the hostile spool: the strict backend closed the session ("timestamps must
+    ascend: 2000329700 after 2000329700") for a folder holding 2000329700.png beside
+    2000329700.0.png. Names a dropper chose must never make caired break the protocol."""
+    state = await backend(api_key=SECRET_KEY)
+    spool, _ = _make_spool(tmp_path)
+    folder = tmp_path / "staging" / "twice"
+    write_frames(folder, 3, start=HOSTILE_BASE)
+    stem = int(HOSTILE_BASE) + 700
+    for name in (f"{stem}.png", f"{stem}.0.png", f"000{stem}.png", f"{stem}.00.png"):
+        (folder / name).write_bytes(good_png(stem))
+    log = tmp_path / "caired.log"
+    cfg = daemon_config(state.port, spool, CAIRED_LOG_FILE=str(log))
+    clog.configure(cfg)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, cfg, notifier=Notifier(None)))
+        folder.rename(spool / "incoming" / "twice")
+        await until(lambda: any((spool / room / "twice").exists() for room in ("done", "failed")), "the folder filed")
+        nursery.cancel_scope.cancel()
+    assert state.violations == []
+    result = json.loads((spool / "done" / "twice" / "result.json").read_text())
+    sent = [float(frame.timestamp) for frame in state.sessions[-1].frames]
+    assert sent == sorted(set(sent)) and result["frames_sent"] == len(sent) >= 3  # the others, one of these or none
