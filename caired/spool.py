@@ -596,7 +596,8 @@ class Spool:
         Control files a dropper left in it are validated or set aside (see the module's
         docstring): the folder is then streamed like any other. A folder whose session file
         says it was being streamed when its process died counts one more crash, and with
-        ``max_crashes`` of them it is filed in failed/ (None). A folder an operator holds
+        ``max_crashes`` of them it is filed in failed/ (None), and so is a folder whose control
+        files meet a bug here (an exception that is no OSError). A folder an operator holds
         (``HOLD_MARKER``, checked under the lock, so ``caired hold`` and a claim never cross) is
         left where it is (None); ``scan`` does not offer it either.
         """
@@ -671,10 +672,9 @@ class Spool:
                 raise
             return None
         except BaseException as exc:
-            try:
-                self._move_back(claim, event="folder_released")
-            except OSError:
-                self._drop(claim)  # unlocked in active/: the next recover() gives it back
+            if isinstance(exc, Exception) and not isinstance(exc, OSError) and self._file_unclaimable(claim, exc):
+                return None
+            self._move_back_or_drop(claim)
             if isinstance(exc, OSError) and not isinstance(exc, SpoolError):
                 raise _spool_error("claim", claim.path, exc, "check the spool's permissions") from exc
             raise
@@ -683,6 +683,21 @@ class Spool:
         log.info("folder_claimed", session=claim.shown, datapt_id=claim.datapt_id, attempts=claim.attempts,
                  source=claim.source, path=shown(str(claim.path)))
         return claim
+
+    def _file_unclaimable(self, claim: Claim, exc: Exception) -> bool:
+        """Called while ``claim`` handles an exception that is not the spool's trouble (an
+        OSError) but a bug met in what the dropper left: file the folder in failed/ with that
+        reason rather than give it back, where every claim would meet it again, for ever.
+        False when even that cannot be written: then it goes back like any claim that failed."""
+        log.error("internal_error", where="claim", session=claim.shown, error_type=type(exc).__name__,
+                  reason=str(exc), exc_info=True)
+        claim.datapt_id = claim.datapt_id or str(uuid.uuid4())
+        reason = f"caired could not take this folder ({type(exc).__name__}: {exc}); see the journal"
+        try:
+            self.fail(claim, error_record(claim, reason, error_type=type(exc).__name__))
+        except SpoolError:
+            return False
+        return True
 
     def create_active(self, name: str, *, source: str) -> Claim:
         """A new, locked session folder active/<name> (or <name>.1...) with its session file,

@@ -46,6 +46,7 @@ import attrs
 import cv2
 import numpy as np
 import pytest
+import structlog.testing
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -1031,3 +1032,31 @@ async def test_frames_whose_names_give_one_timestamp_twice_never_break_the_proto
     result = json.loads((spool / "done" / "twice" / "result.json").read_text())
     sent = [float(frame.timestamp) for frame in state.sessions[-1].frames]
     assert sent == sorted(set(sent)) and result["frames_sent"] == len(sent) >= 3  # the others, one of these or none
+
+
+def test_a_bug_met_in_a_dropped_folder_files_it_in_failed_instead_of_retrying_for_ever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next TypeError nobody foresaw in reading a planted control file must end that
+    folder's claim in failed/ with its reason, not put it back in incoming/ to fail again
+    every 10 s for ever (as the unhashable "source" did)."""
+    from caired import spool as spool_module
+    from caired.spool import SESSION_FILE, Spool
+
+    def broken(data: Any, folder_name: str) -> dict[str, Any]:
+        raise TypeError("a check nobody foresaw")
+
+    monkeypatch.setattr(spool_module, "validate_session", broken)
+    spool, _ = _make_spool(tmp_path)
+    folder = spool / "incoming" / "x"
+    write_frames(folder, 2)
+    (folder / SESSION_FILE).write_text(json.dumps({"datapt_id": str(uuid.uuid4())}))
+    box = Spool(spool)
+    box.prepare()
+    with structlog.testing.capture_logs() as logs:
+        assert box.claim("x") is None
+    box.close()
+    assert not (spool / "incoming" / "x").exists() and not (spool / "active" / "x").exists()
+    error = json.loads((spool / "failed" / "x" / "error.json").read_text())
+    assert error["error_type"] == "TypeError" and "a check nobody foresaw" in error["reason"]
+    assert [line["where"] for line in logs if line["event"] == "internal_error"] == ["claim"]
