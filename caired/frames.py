@@ -299,6 +299,16 @@ def check_png(name: str, data: bytes, max_pixels: int) -> tuple[int, int]:
         raise FrameError(name, str(exc)) from None
     if width * height > max_pixels:
         raise FrameError(name, f"is {width}x{height} pixels, more than stream.max_frame_pixels ({max_pixels})")
+    # Every chunk must fit in the file: a decoder reserves what a chunk's length says (an IDAT
+    # claiming 2 GiB in a 100-byte file made OpenCV allocate 2.1 GiB).
+    offset = 8
+    while offset + 8 <= len(data):
+        (length,) = struct.unpack_from(">I", data, offset)
+        if offset + 12 + length > len(data):
+            raise FrameError(name, f"malformed PNG: a chunk of {length} bytes runs past the end of the file")
+        if data[offset + 4 : offset + 8] == b"IEND":
+            break
+        offset += 12 + length
     return width, height
 
 

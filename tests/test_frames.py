@@ -266,7 +266,7 @@ def test_raw_rejects_what_is_not_a_whole_png(frames: Callable[..., Path]) -> Non
         [ref] = folder.list().frames
         data = ref.path.read_bytes()
         ref.path.write_bytes(data[: len(data) // 2])
-        with pytest.raises(FrameError, match="truncated"):
+        with pytest.raises(FrameError, match=r"truncated|runs past the end"):
             read_raw(ref, folder, LIMITS)
         ref.path.write_bytes(b"GIF89a" + data)
         with pytest.raises(FrameError, match="not a PNG"):

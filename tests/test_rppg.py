@@ -211,3 +211,12 @@ def test_frame_rgb_reads_the_skin_not_the_wall() -> None:
 def test_estimator_rejects_a_window_shorter_than_its_minimum() -> None:
     with pytest.raises(ValueError):
         PulseEstimator(window_seconds=4.0, min_seconds=5.0)
+
+
+def test_timestamps_far_apart_cost_no_more_than_the_last_minutes() -> None:
+    """A client chose 0 and 2e9 in one session: resampling all of it would take 447 GiB."""
+    from caired.emulator.rppg import MAX_SPAN, NO_PULSE, analyse
+
+    times = np.array([0.0, 1.0, 2e9 - MAX_SPAN / 2, 2e9], dtype=np.float64)
+    rgb = np.ones((4, 3), dtype=np.float64)
+    assert analyse(times, rgb) is NO_PULSE  # a flat signal, and no MemoryError on the way

@@ -174,8 +174,18 @@ class PulseEstimator:
         return np.asarray(times, dtype=np.float64), np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
 
 
+MAX_SPAN: Final = 600.0  # seconds of samples a pulse is estimated from, at most
+
+
 def analyse(times: Floats, rgb: Floats, *, with_signal: bool = True) -> Pulse:
-    """The pulse in samples ``rgb`` (N x 3, R G B) taken at ascending ``times`` (seconds)."""
+    """The pulse in samples ``rgb`` (N x 3, R G B) taken at ascending ``times`` (seconds).
+
+    Only the last MAX_SPAN seconds are looked at: timestamps a client chose (0 and 2e9 in one
+    session) must not make the resampling grid take hundreds of GiB.
+    """
+    if len(times) and times[-1] - times[0] > MAX_SPAN:
+        keep = times >= times[-1] - MAX_SPAN
+        times, rgb = times[keep], rgb[keep]
     grid = np.arange(math.ceil(times[0] * FS), math.floor(times[-1] * FS) + 1) / FS
     window = math.ceil(POS_SECONDS * FS)
     if len(grid) < window:
