@@ -116,9 +116,14 @@ async def test_caired_retry_now_and_sigusr1_reach_a_daemon_waiting_out_an_outage
     env = {**child_env(state.port, spool), "CAIRED_RETRY_INITIAL": "600", "CAIRED_RETRY_MAX": "600"}
     async with child(env, out) as proc:
         await ready(out, proc)
-        await until(lambda: state.handshakes == 1, "the first refused handshake")
+
+        def waiting(n: int) -> bool:  # the n-th refusal is logged: the daemon now waits out its backoff
+            return sum(line["event"] == "session_retry" for line in log_lines(out)) >= n
+
+        await until(lambda: waiting(1), "the first refused handshake")
         await trio.to_thread.run_sync(queue.retry_now, spool)
         await until(lambda: state.handshakes == 2, "a handshake at once after caired retry-now")
+        await until(lambda: waiting(2), "the second refusal")  # a request during an attempt has nothing to end
         proc.send_signal(signal.SIGUSR1)
         await until(lambda: state.handshakes == 3, "a handshake at once after SIGUSR1")
         assert (await stop(proc))[0] == 0
