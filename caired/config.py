@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 import tomllib
 import typing
@@ -61,6 +62,36 @@ class Secret(str):
 
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
+
+
+class Amount(str):
+    """A disk amount as written: bytes (``1073741824``, ``500M``, ``2G``, ``1.5GiB``) or a share
+    of the filesystem (``10%``); ``0`` means none. ``resolve(total)`` gives bytes."""
+
+    __slots__ = ()
+
+    def resolve(self, total: int) -> int:
+        """Bytes this amount means on a filesystem of ``total`` bytes."""
+        number, percent = parse_amount(self)
+        return int(total * number / 100) if percent else int(number)
+
+
+_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_AMOUNT: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:(%)|([KMGT]?)(?:I?B)?)", re.IGNORECASE)
+
+
+def parse_amount(text: str) -> tuple[float, bool]:
+    """(number, is_percent) of a disk amount; ValueError says what is allowed."""
+    match = _AMOUNT.fullmatch(text.strip())
+    if match is None or (match[2] and float(match[1]) > 100):
+        raise ValueError("must be bytes (e.g. 500M, 2G) or a percentage of the filesystem up to 100% (e.g. 10%)")
+    if match[2]:
+        return float(match[1]), True
+    return float(match[1]) * _UNITS[match[3].upper()], False
+
+
+def _amount(_inst: object, attr: attrs.Attribute[Any], value: Amount) -> None:
+    parse_amount(value)
 
 
 def _meta(help: str, *env: str) -> dict[str, Any]:
@@ -269,6 +300,10 @@ class CameraConfig:
     interval_seconds: float = attrs.field(
         default=0.0, validator=_non_negative, metadata=_meta("pause between camera sessions")
     )
+    keep_frames: bool = attrs.field(
+        default=False,
+        metadata=_meta("keep the PNGs of camera sessions once delivered (false keeps result.json only)"),
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -312,6 +347,34 @@ class MetricsConfig:
 
 
 @attrs.frozen(kw_only=True)
+class RetentionConfig:
+    done_max_bytes: Amount = attrs.field(
+        default=Amount("10%"),
+        converter=Amount,
+        validator=_amount,
+        metadata=_meta("disk done/ may use (bytes like 2G, or a share of the filesystem like 10%); "
+                       "past it the oldest frames go, then the oldest folders (0 = no budget)"),
+    )
+    free_space_floor: Amount = attrs.field(
+        default=Amount("10%"),
+        converter=Amount,
+        validator=_amount,
+        metadata=_meta("free space kept on the spool's filesystem: below it done/ frames go and camera "
+                       "sessions are not recorded (bytes or %; 0 = no floor)"),
+    )
+    frames_max_days: float = attrs.field(
+        default=0.0,
+        validator=_non_negative,
+        metadata=_meta("frames of done/ folders older than this are deleted (days; 0 = only the budget decides)"),
+    )
+    folders_max_days: float = attrs.field(
+        default=30.0,
+        validator=_non_negative,
+        metadata=_meta("done/ folders, result.json included, older than this are deleted (days; 0 = never)"),
+    )
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     backend: BackendConfig = attrs.field(factory=BackendConfig)
     stream: StreamConfig = attrs.field(factory=StreamConfig)
@@ -321,6 +384,7 @@ class Config:
     camera: CameraConfig = attrs.field(factory=CameraConfig)
     record: RecordConfig = attrs.field(factory=RecordConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    retention: RetentionConfig = attrs.field(factory=RetentionConfig)
     # Where each effective value came from ("default", "file PATH", "env FPS", "flag --fps").
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False, repr=False)
     # What deserves a look but stops nothing (a CAIRED_ variable that names no key), one line each.
@@ -412,6 +476,13 @@ def coerce(value: Any, kind: Any) -> Any:
                 if number == number and number not in (float("inf"), float("-inf")):
                     return number
         raise ValueError("must be a number")
+    if kind is Amount:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError("must be bytes (e.g. 500M, 2G) or a percentage of the filesystem (e.g. 10%)")
+        parse_amount(value)  # ValueError says what is allowed
+        return Amount(value.strip())
     if kind in (str, Secret):
         if not isinstance(value, str):
             raise ValueError("must be a string")

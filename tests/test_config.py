@@ -104,7 +104,7 @@ def test_an_error_about_the_file_caired_config_names_is_labelled_caired_config(t
         ("[spool]\nsettle = 1\n", "spool.settle (from file {path}): unknown key; did you mean spool.settle_seconds?"),
         ("[stream]\nupload_bandwidth_kbps = 30\n", "stream.upload_bandwidth_kbps (from file {path}): unknown key"),
         ("[streem]\nfps = 30\n", "streem (from file {path}): unknown section; did you mean stream? (known: backend, "
-                                   "stream, spool, retry, log, camera, record, metrics)"),
+                                   "stream, spool, retry, log, camera, record, metrics, retention)"),
     ],
 )
 def test_an_unknown_key_suggests_the_closest_one(tmp_path: Path, body: str, problem: str) -> None:
