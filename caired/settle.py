@@ -47,14 +47,12 @@ import attrs
 
 READY_MARKER: Final = ".ready"
 
-Signature = tuple[int, tuple[tuple[str, int, int, int], ...]]
-
-
 @attrs.define
 class _Look:
-    """What this process saw of one folder: its signature and since when."""
+    """What this process saw of one folder: its signature (hashed: a folder of thousands of
+    frames costs a few bytes to remember, not its listing) and since when."""
 
-    signature: Signature
+    signature: int
     seen_at: float  # when this exact signature was first seen
     changed: bool  # the signature differs from an earlier look (a change we saw ourselves)
 
@@ -89,7 +87,7 @@ class Settler:
             newest = max(newest, st.st_mtime, st.st_ctime)
             size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
             items.append((entry.name, size, st.st_mtime_ns, st.st_ctime_ns))
-        signature: Signature = (own.st_mtime_ns, tuple(sorted(items)))
+        signature = hash((own.st_mtime_ns, tuple(sorted(items))))
         with self._lock:
             look = self._looks.get(name)
             if look is None:
@@ -98,6 +96,10 @@ class Settler:
                 look = self._looks[name] = _Look(signature, now, changed=True)
         quiet_since = look.seen_at if look.changed else min(newest, look.seen_at)
         return quiet_since + self.settle_seconds - now
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._looks.pop(name, None)
 
     def forget_all_but(self, present: Iterable[str]) -> None:
         keep = set(present)

@@ -163,6 +163,9 @@ _LOCKS_REFUSED_ADVICE: Final = (
 _LOCAL_ONLY_LOCKS: Final = frozenset({"nolock", "local_lock=posix", "local_lock=all"})  # NFS options
 # What keep_frames = false deletes and what queue counts: frames, and a video (a session's frames too).
 FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".avi", ".mp4", ".mkv", ".mov")
+# A ready folder's verdict is kept only once its mtime is this old: file times tick coarsely
+# (a few ms), so a change in the same tick as the look would leave the mtime as it was.
+_TRUSTED_AGE: Final = 1.0
 
 
 def _spool_error(
@@ -385,6 +388,55 @@ def error_record(claim: Claim, reason: str, *, error_type: str, close_code: int 
     }
 
 
+@attrs.define
+class Tally:
+    """Folders in each spool folder and the disk done/ and failed/ take, kept as this process
+    moves folders rather than counted on every look (done/ grows without end).
+
+    Counted once (``Spool.count_folders``; the bytes by retention's first pass), then moved
+    by this process's own claims, outcomes and deletions; scans refresh ``incoming`` and
+    rescans ``active``. Folders another process files in done/ or failed/ are seen at the
+    next count (retention recounts on its long clock).
+    """
+
+    incoming: int = 0
+    active: int = 0
+    done: int = 0
+    failed: int = 0
+    done_bytes: int = 0  # blocks the files take, in bytes
+    failed_bytes: int = 0
+    folders_counted: bool = False
+    bytes_counted: bool = False
+
+    def move(self, origin: str, to: str) -> None:
+        for which, step in ((origin, -1), (to, 1)):
+            if which in _COUNTED:
+                setattr(self, which, max(0, getattr(self, which) + step))
+
+
+_COUNTED: Final = ("incoming", "active", "done", "failed")
+
+
+def usage(dir_fd: int) -> int:
+    """Bytes the files of a folder take on disk (blocks, subfolders included), never following a
+    symlink. Best effort: what cannot be looked at counts 0."""
+    total = 0
+    try:
+        entries = list(os.scandir(dir_fd))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            total += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                with fsops.opened_dir(entry.name, dir_fd=dir_fd) as sub:
+                    total += usage(sub)
+        except (OSError, RecursionError):
+            continue
+    return total
+
+
 @attrs.frozen
 class Scan:
     """One look at incoming/: the folders ready to claim, oldest first, and the seconds until
@@ -408,6 +460,7 @@ class Spool:
         *,
         settle_seconds: float = 5.0,
         keep_frames: bool = True,
+        keep_camera_frames: bool = True,
         max_crashes: int = 3,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -418,6 +471,7 @@ class Spool:
         self.failed = self.root / "failed"
         self.tmp = self.root / "tmp"
         self.keep_frames = keep_frames
+        self.keep_camera_frames = keep_camera_frames
         self.max_crashes = max_crashes
         self._clock = clock
         self._settler = Settler(settle_seconds, clock)
@@ -426,11 +480,13 @@ class Spool:
         self._ignored: set[str] = set()
         self._held: set[tuple[int, int]] = set()  # inodes of this process's claims
         self._unrecovered: dict[str, str] = {}  # folders of active/ recover() could not move: why
+        self._verdicts: dict[str, tuple[int, int]] = {}  # ready folders of incoming/: (inode, mtime_ns) then
+        self._tally = Tally()
 
     @classmethod
-    def from_config(cls, cfg: SpoolConfig) -> Spool:
+    def from_config(cls, cfg: SpoolConfig, *, keep_camera_frames: bool = True) -> Spool:
         return cls(cfg.dir, settle_seconds=cfg.settle_seconds, keep_frames=cfg.keep_frames,
-                   max_crashes=cfg.max_crashes)
+                   keep_camera_frames=keep_camera_frames, max_crashes=cfg.max_crashes)
 
     @property
     def settle_seconds(self) -> float:
@@ -532,12 +588,23 @@ class Spool:
     # -- incoming/ -------------------------------------------------------------------------------
 
     def scan(self) -> Scan:
-        """Look at incoming/ once: which folders are complete, and when to look again."""
+        """Look at incoming/ once: which folders are complete, and when to look again.
+
+        A folder this process found ready before (its mtime then at least a second old) and
+        whose inode and own mtime are the same is ready again without being opened (one
+        ``lstat`` per name, from the listing): a backlog of thousands of waiting folders
+        costs a listing, not a look into each. A folder not yet ready (or held) is looked
+        into every time. ``forget_readiness`` (the periodic
+        rescan) makes the next scan look into every folder again: a change inside a ready
+        folder that leaves the folder's own mtime alone (a file rewritten in place) is seen
+        there. The verdicts kept are those of the names present at the last scan.
+        """
         now = self._clock()
         found: list[tuple[float, str]] = []
         waits: list[float] = []
         held = 0
         present: set[str] = set()
+        folders = 0
         try:
             incoming = self._dir("incoming")
             entries = list(os.scandir(incoming))
@@ -545,6 +612,8 @@ class Spool:
             raise _spool_error(
                 "read", self.incoming, exc, "check that the spool exists (caired run creates it)"
             ) from exc
+        with self._lock:
+            verdicts = dict(self._verdicts)
         for entry in entries:
             name = entry.name
             if name.startswith("."):
@@ -554,20 +623,31 @@ class Spool:
                 if not entry.is_dir(follow_symlinks=False):
                     self._ignore_once(name, "not a folder")
                     continue
+                folders += 1
+                seen = verdicts.get(name)
+                if seen is not None:
+                    st = entry.stat(follow_symlinks=False)
+                    if (st.st_ino, st.st_mtime_ns) == seen:
+                        found.append((st.st_mtime, name))
+                        continue
+                    del verdicts[name]
                 check_name(name)
                 with fsops.opened_dir(name, dir_fd=incoming) as folder:
-                    if fsops.lexists(folder, HOLD_MARKER):
+                    st = os.fstat(folder)  # before the look: a change during it makes the next scan look again
+                    if fsops.lexists(folder, HOLD_MARKER):  # held: never remembered as ready
                         held += 1
                         continue
                     wait = self._settler.wait(folder, name, now)
-                    mtime = os.fstat(folder).st_mtime
                 if wait > 0:
                     waits.append(wait)
                 else:
-                    found.append((mtime, name))
+                    found.append((st.st_mtime, name))
+                    if now - st.st_mtime >= _TRUSTED_AGE:
+                        verdicts[name] = (st.st_ino, st.st_mtime_ns)
             except ValueError:
                 self._ignore_once(name, "its name is longer than the filesystem allows")
             except OSError as exc:
+                verdicts.pop(name, None)
                 if exc.errno in GONE:  # claimed by another process while we looked
                     continue
                 if isinstance(exc, PermissionError):
@@ -577,8 +657,15 @@ class Spool:
         self._settler.forget_all_but(present)
         with self._lock:
             self._ignored &= present
+            self._verdicts = {name: key for name, key in verdicts.items() if name in present}
+            self._tally.incoming = folders
         found.sort()
         return Scan([name for _, name in found], min(waits) if waits else None, waiting=len(waits), held=held)
+
+    def forget_readiness(self) -> None:
+        """Make the next scan look into every folder of incoming/ again (the periodic rescan)."""
+        with self._lock:
+            self._verdicts = {}
 
     def _ignore_once(self, name: str, reason: str) -> None:
         with self._lock:
@@ -641,6 +728,7 @@ class Spool:
         key = (st.st_dev, st.st_ino)
         with self._lock:
             self._held.add(key)
+            self._tally.move("incoming", "active")
         claim = Claim(name=name, root=self.root, folder=folder, datapt_id="", source=source,
                       dir_fd=dir_fd, lock_fd=lock_fd, key=key)
         try:
@@ -732,6 +820,7 @@ class Spool:
             raise _spool_error("create a session folder in", self.active, exc, "check the spool") from exc
         with self._lock:
             self._held.add(claim._key)
+            self._tally.move("tmp", "active")
         log.info("folder_created", session=claim.shown, datapt_id=claim.datapt_id, source=source,
                  path=shown(str(claim.path)))
         return claim
@@ -882,17 +971,33 @@ class Spool:
         An attempt still marked under way is marked ended first: a release is no crash.
         """
         claim._check_held()
-        if self._finished_outcome(claim.dir_fd) is not None:
-            return self._retire_finished(claim, origin="active")
-        claim.end_attempt()
-        return self._move_back(claim, event="folder_released")
+        try:
+            if self._finished_outcome(claim.dir_fd) is not None:
+                return self._retire_finished(claim, origin="active")
+            claim.end_attempt()
+            return self._move_back(claim, event="folder_released")
+        except SpoolError:
+            self._let_go(claim)
+            raise
 
     def handoff(self, claim: Claim) -> Path:
         """Hand a folder written in active/ (camera store-and-forward) to incoming/, marked
         ``.ready``, to be claimed and streamed later like a dropped folder."""
         claim._check_held()
         claim.end_attempt()
-        return self._move_back(claim, event="folder_handed_off")
+        try:
+            return self._move_back(claim, event="folder_handed_off")
+        except SpoolError:
+            self._let_go(claim)
+            raise
+
+    def _let_go(self, claim: Claim) -> None:
+        """A held folder that cannot be moved (a full disk, permissions) is let go where it is,
+        in active/ and unlocked: no descriptor stays open for it, and the next rescan's recovery
+        moves it on like an orphan (to done/ when it holds result.json)."""
+        if claim.held:
+            log.warning("folder_left_for_recovery", session=claim.shown, path=shown(str(claim.path)))
+            self._drop(claim)
 
     @staticmethod
     def _finished_outcome(dir_fd: int) -> str | None:
@@ -910,6 +1015,8 @@ class Spool:
             claim.folder = fsops.move_unique(origin, claim.folder, self._dir("incoming"), claim.name)
         except OSError as exc:
             raise _spool_error("move back to incoming/", claim.path, exc, "check the spool's permissions") from exc
+        with self._lock:
+            self._tally.move(claim.where, "incoming")
         claim.where = "incoming"
         fsops.fsync_dirs_quietly(self._dir("incoming"), origin)
         self._drop(claim)
@@ -931,9 +1038,17 @@ class Spool:
             folder = fsops.move_unique(origin, claim.folder, self._dir(to), claim.folder)
         except OSError as exc:
             raise _spool_error(f"move into {to}/", claim.path, exc, "check the spool's permissions") from exc
+        with self._lock:
+            self._tally.move(claim.where, to)
         claim.folder, claim.where = folder, to
         fsops.fsync_dirs_quietly(self._dir(to), origin)
-        deleted = self._delete_frames(claim) if to == "done" and not self.keep_frames else 0
+        deleted = self._delete_frames(claim) if to == "done" and not self._keeps_frames(claim) else 0
+        size = usage(claim.dir_fd)
+        with self._lock:
+            if to == "done":
+                self._tally.done_bytes += size
+            else:
+                self._tally.failed_bytes += size
         if to == "failed" and reason is None:
             reason = _stored_reason(claim.dir_fd)
         self._drop(claim)
@@ -961,15 +1076,19 @@ class Spool:
             self._held.discard(claim._key)
         claim._close()
 
+    def _keeps_frames(self, claim: Claim) -> bool:
+        return self.keep_camera_frames if claim.source == "camera" else self.keep_frames
+
     def _delete_frames(self, claim: Claim) -> int:
-        deleted = 0
+        why = "camera.keep_frames = false" if claim.source == "camera" else "spool.keep_frames = false"
         try:
-            for entry in os.scandir(claim.dir_fd):
-                if _is_frame(entry.name) and entry.is_file(follow_symlinks=False):
-                    os.unlink(entry.name, dir_fd=claim.dir_fd)
-                    deleted += 1
+            deleted, freed = delete_frames(claim.dir_fd)
         except OSError as exc:
             log.warning("frames_not_deleted", path=shown(str(claim.path)), reason=exc.strerror or str(exc))
+            return 0
+        if deleted:
+            log.info("retention_deleted", what="frames", path=shown(str(claim.path)), files=deleted, bytes=freed,
+                     why=why)
         return deleted
 
     # -- recovery --------------------------------------------------------------------------------
@@ -995,6 +1114,7 @@ class Spool:
             entries = list(os.scandir(active))
         except OSError as exc:
             raise _spool_error("read", self.active, exc, "check that the spool exists") from exc
+        folders = 0
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -1002,6 +1122,7 @@ class Spool:
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 continue
+            folders += not entry.name.startswith(".")
             with self._lock:
                 if (st.st_dev, st.st_ino) in self._held:  # ours: alive, and never reopened here
                     continue
@@ -1013,6 +1134,8 @@ class Spool:
             except (OSError, ValueError) as exc:
                 failures[entry.name] = str(exc) if isinstance(exc, SpoolError) else getattr(exc, "strerror", None) \
                     or str(exc)
+        with self._lock:
+            self._tally.active = max(0, folders - len(moved))
         self._report_unrecovered(failures)
         self._clean_staging()
         return moved
@@ -1121,16 +1244,74 @@ class Spool:
 
     # -- status ----------------------------------------------------------------------------------
 
-    def counts(self) -> dict[str, int]:
-        """Folders in incoming/, active/, done/ and failed/ (dot-names not counted)."""
-        result: dict[str, int] = {}
-        for name in ("incoming", "active", "done", "failed"):
+    def count_folders(self) -> None:
+        """Count the folders of incoming/, active/, done/ and failed/ once (a listing each, no
+        look inside); from then on ``counts`` follows this process's moves."""
+        found: dict[str, int] = {}
+        for name in _COUNTED:
             try:
-                entries = os.scandir(self._dir(name))
-                result[name] = sum(1 for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+                with os.scandir(self._dir(name)) as entries:
+                    found[name] = sum(1 for e in entries
+                                      if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
             except OSError:
-                result[name] = 0
-        return result
+                found[name] = 0
+        with self._lock:
+            for name, count in found.items():
+                setattr(self._tally, name, count)
+            self._tally.folders_counted = True
+
+    def counts(self) -> dict[str, int]:
+        """Folders in incoming/, active/, done/ and failed/ (dot-names not counted), as kept in
+        the tally: counted on the first call, never walked again."""
+        with self._lock:
+            counted = self._tally.folders_counted
+        if not counted:
+            self.count_folders()
+        with self._lock:
+            return {name: getattr(self._tally, name) for name in _COUNTED}
+
+    def tally(self) -> Tally:
+        """A copy of the tally (counts and bytes)."""
+        with self._lock:
+            return attrs.evolve(self._tally)
+
+    def adjust_tally(self, **deltas: int) -> None:
+        """Add to the tally's fields (retention's deletions), never below 0."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self._tally, name, max(0, getattr(self._tally, name) + delta))
+
+    def set_bytes(self, *, done: int, failed: int) -> None:
+        """The bytes done/ and failed/ take, as measured by a walk (retention's)."""
+        with self._lock:
+            self._tally.done_bytes, self._tally.failed_bytes = done, failed
+            self._tally.bytes_counted = True
+
+
+def delete_frames(dir_fd: int) -> tuple[int, int]:
+    """Delete the frames (regular .png/.jpg/.jpeg files) of the folder open as ``dir_fd``, never
+    following a symlink; everything else stays. Returns (files, bytes freed). The folder's
+    mtime is put back afterwards, so it still tells when the folder was filed (retention's
+    oldest-first order). OSError if the folder cannot be listed; a frame that vanished
+    meanwhile is skipped."""
+    before = os.fstat(dir_fd)
+    deleted = freed = 0
+    for entry in list(os.scandir(dir_fd)):
+        if not _is_frame(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            os.unlink(entry.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue
+        deleted += 1
+        freed += st.st_blocks * 512
+    if deleted:
+        with contextlib.suppress(OSError):
+            os.utime(dir_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return deleted, freed
 
 
 def _stored_reason(dir_fd: int) -> str | None:

@@ -5,7 +5,9 @@ up to a second), every ``rescan_seconds`` (lost events, network filesystems, orp
 dead processes: ``Spool.recover`` runs first), when a folder still settling may have
 become ready, and every 2 s when inotify cannot be used, it scans incoming/ once in a
 worker thread and hands the result to ``Ready``. The dispatcher takes names from
-``Ready`` without scanning again: one scan per poke.
+``Ready`` without scanning again: one scan per poke. A scan trusts what the spool found
+ready before (``Spool.scan``: an ``lstat`` per waiting folder, not a look into it); the
+periodic rescan looks into every folder again.
 
 The watcher thread of watchfiles polls a stop flag every 0.2 s, so cancellation ends it
 within that; idle cost is a thread waking 5 times a second.
@@ -196,6 +198,7 @@ async def _look(spool: Spool, *, recover: bool) -> Scan | None:
     try:
         if recover:
             await trio.to_thread.run_sync(spool.recover, abandon_on_cancel=True)
+            spool.forget_readiness()  # the rescan looks into every folder again
         return await trio.to_thread.run_sync(spool.scan, abandon_on_cancel=True)
     except OSError as exc:
         log.warning("spool_scan_failed", reason=str(exc), retry_seconds=SCAN_RETRY)
