@@ -18,6 +18,9 @@ Tasks, one owner each, all in one nursery:
   ``control.py``);
 * the metrics task writes the Prometheus text file and serves /metrics and /health
   (``metrics.py``), when ``[metrics]`` asks for them;
+* the retention task (``retention.py``) keeps done/ within its disk budget and free
+  space above the floor, deleting delivered frames (then folders) oldest first, and
+  tells when the disk is low (camera sessions then stream without being recorded);
 * the status task keeps systemd's STATUS= current; the watchdog task pets systemd.
 
 Shutdown is cancellation: sessions in flight close their sockets with 1001 and their
@@ -47,6 +50,7 @@ from caired.lifecycle import SPOOL_RETRY, Context, Done, Sessions, run_session
 from caired.metrics import open_metrics_listeners, serve_metrics
 from caired.reload import Settings
 from caired.reload import reload as reload_settings
+from caired.retention import Disk, Retention, serve_retention
 from caired.session import Limits, deliver
 from caired.sources import FolderSource
 from caired.spool import Claim, Spool
@@ -74,9 +78,12 @@ async def serve(
     SIGHUP only reopens the log file.
     """
     notifier = notifier or Notifier.from_env()
-    spool = Spool.from_config(cfg.spool)
+    spool = Spool.from_config(cfg.spool, keep_camera_frames=cfg.camera.keep_frames)
     await trio.to_thread.run_sync(spool.prepare)
     recovered = await trio.to_thread.run_sync(spool.recover)
+    await trio.to_thread.run_sync(spool.count_folders)  # a listing each; STATUS= never walks again
+    disk = Disk(spool.root, cfg.retention.free_space_floor)
+    await trio.to_thread.run_sync(disk.check)
     ready = Ready()
     ctx = Context(
         settings=Settings(cfg),
@@ -85,6 +92,7 @@ async def serve(
         limiter=trio.CapacityLimiter(encode_workers()),
         sessions=Sessions(),
         hold_back=functools.partial(ready.hold_back, seconds=spool_retry),
+        disk=disk,
     )
     log.info("daemon_starting", spool=str(spool.root), recovered=len(recovered), max_sessions=cfg.spool.max_sessions,
              camera=cfg.camera.enabled, pid=os.getpid())
@@ -97,6 +105,8 @@ async def serve(
             await nursery.start(serve_retry_requests, spool.incoming, ctx.gate)
             await nursery.start(functools.partial(watch, spool, ready, rescan_seconds=cfg.spool.rescan_seconds))
             nursery.start_soon(_dispatch, ctx, ready, nursery, spool_retry)
+            await nursery.start(functools.partial(serve_retention, Retention(spool, cfg.retention, disk),
+                                                  changed=disk.notify))
             if cfg.camera.enabled:
                 from caired.live import serve_camera  # cv2's capture only when a camera is used
 
@@ -228,7 +238,8 @@ async def _status(ctx: Context, notifier: Notifier) -> None:
     while True:
         counts = await trio.to_thread.run_sync(ctx.spool.counts, abandon_on_cancel=True)
         streaming = len(ctx.sessions.in_flight)
-        notifier.status(status_line(counts, ctx.gate.state, streaming=streaming))
+        line = status_line(counts, ctx.gate.state, streaming=streaming)
+        notifier.status(line + disk_status(ctx))
         async with trio.open_nursery() as nursery:  # whichever comes first: a session or the backend changed
             async def changed(wait: Callable[[], Awaitable[None]]) -> None:
                 await wait()
@@ -236,6 +247,8 @@ async def _status(ctx: Context, notifier: Notifier) -> None:
 
             nursery.start_soon(changed, ctx.sessions.wait_changed)
             nursery.start_soon(changed, ctx.gate.wait_state_changed)
+            if ctx.disk is not None:
+                nursery.start_soon(changed, ctx.disk.wait_changed)
             nursery.start_soon(changed, partial(trio.sleep, STATUS_EVERY))
         await trio.sleep(0.5)  # coalesce bursts of changes
 
@@ -243,3 +256,22 @@ async def _status(ctx: Context, notifier: Notifier) -> None:
 def status_line(counts: dict[str, int], backend: str, *, streaming: int) -> str:
     return (f"streaming {streaming} · incoming {counts.get('incoming', 0)} · done {counts.get('done', 0)} · "
             f"failed {counts.get('failed', 0)} · backend {backend}")
+
+
+def disk_status(ctx: Context) -> str:
+    """What STATUS= adds about the disk: failed/'s size, and the low-disk state, loudly."""
+    tally = ctx.spool.tally()
+    parts = [f" · failed/ {_size(tally.failed_bytes)}"] if tally.bytes_counted and tally.failed else []
+    space = ctx.disk.space if ctx.disk is not None else None
+    if ctx.disk is not None and ctx.disk.low and space is not None:
+        parts.append(f" · DISK LOW: {_size(space.free)} free, floor {_size(space.floor)}: camera not recorded")
+    return "".join(parts)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"

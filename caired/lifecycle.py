@@ -27,6 +27,7 @@ from caired import logging as clog
 from caired.config import Config
 from caired.errors import NoFramesError, SessionError, SpoolError
 from caired.reload import Settings
+from caired.retention import Disk
 from caired.spool import Claim, Spool, error_record
 from caired.stats import Stats
 from caired.uplink import Gate
@@ -80,6 +81,7 @@ class Context:
     # Called with the folder's name in incoming/ when the spool could not file it: try it later.
     hold_back: Callable[[str], None] = lambda _name: None
     stats: Stats = attrs.field(factory=Stats)
+    disk: Disk | None = None  # the spool's filesystem against the free-space floor
 
     @property
     def cfg(self) -> Config:

@@ -418,20 +418,21 @@ _COUNTED: Final = ("incoming", "active", "done", "failed")
 
 
 def usage(dir_fd: int) -> int:
-    """Bytes the files of a folder take on disk (blocks, subfolders included), never following a
-    symlink. Best effort: what cannot be looked at counts 0."""
-    total = 0
+    """Bytes a folder takes on disk (its own blocks and its files', subfolders included), never
+    following a symlink. Best effort: what cannot be looked at counts 0."""
     try:
+        total = os.fstat(dir_fd).st_blocks * 512
         entries = list(os.scandir(dir_fd))
     except OSError:
         return 0
     for entry in entries:
         try:
             st = entry.stat(follow_symlinks=False)
-            total += st.st_blocks * 512
             if stat.S_ISDIR(st.st_mode):
                 with fsops.opened_dir(entry.name, dir_fd=dir_fd) as sub:
                     total += usage(sub)
+            else:
+                total += st.st_blocks * 512
         except (OSError, RecursionError):
             continue
     return total
