@@ -11,10 +11,19 @@ session. When it fails — backend down, connection lost, key rejected — or is
 because the backend is known to be down, the recording moves to ``incoming/`` when
 capture ends and is streamed later like a dropped folder, under the same datapt_id:
 no camera session is lost to an outage.
+
+Low disk: below ``[retention] free_space_floor`` (``retention.Disk``, looked at before
+each frame) frames stream live but are not written, said once per session
+(``camera_not_recorded``) and in ``STATUS=``; the session folder and its result.json
+are still written (they are small). A full disk (ENOSPC) at a frame ends the recording
+of that session the same way, not one error per frame. A session recorded only in part
+whose live stream failed is kept and streamed later with the frames it has; one with no
+frame recorded and no live stream is filed in ``failed/`` saying why.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Final
 
 import attrs
@@ -27,6 +36,7 @@ from caired.errors import CairedError, NoFramesError, Retry, SessionError, Spool
 from caired.frames import EncodedFrame, encode_image
 from caired.lifecycle import Context, Done, Outcome, Store, run_session
 from caired.record import write_frame
+from caired.retention import Disk
 from caired.session import Delivered, Limits, deliver
 from caired.sources import LiveSource
 from caired.spool import Claim
@@ -34,6 +44,7 @@ from caired.spool import Claim
 log = structlog.get_logger()
 
 WRITERS: Final = 2  # PNG encodes in flight per camera session
+_DISK_FULL: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 async def serve_camera(ctx: Context, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -47,8 +58,11 @@ async def serve_camera(ctx: Context, *, task_status: trio.TaskStatus[None] = tri
 
 @attrs.define
 class _Counts:
+    captured: int = 0
     recorded: int = 0
     live_dropped: int = 0
+    not_recorded: int = 0  # frames the disk had no room for
+    stopped: str | None = None  # why recording stopped (low disk, full disk)
 
 
 async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChannel[CapturedFrame]) -> None:
@@ -74,19 +88,25 @@ async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChan
             log.info("camera_live_skipped", reason=f"backend {ctx.gate.state}", then="store and forward")
             live_send.close()
         async with open_nursery() as nursery:
-            nursery.start_soon(_record, claim, frames, live_send if go_live else None, counts, ctx.limiter)
+            nursery.start_soon(_record, claim, frames, live_send if go_live else None, counts, ctx.limiter,
+                               ctx.disk)
             if go_live:
                 delivered = await _stream_live(ctx, claim, live_receive)
         ctx.stats.live_dropped += counts.live_dropped
         log.info("camera_session_recorded", frames=counts.recorded, live_dropped=counts.live_dropped,
-                 streamed_live=delivered is not None)
-        if counts.recorded == 0:
+                 not_recorded=counts.not_recorded, streamed_live=delivered is not None)
+        if counts.captured == 0:
             raise NoFramesError("the camera delivered no frame")
         if delivered is None:
-            log.info("camera_session_stored", frames=counts.recorded, then="streamed from incoming/")
+            if counts.recorded == 0:
+                raise NoFramesError(f"no frame was recorded ({counts.stopped}) and the live stream did not finish: "
+                                    "this session is lost; free space on the spool's filesystem")
+            log.info("camera_session_stored", frames=counts.recorded, then="streamed from incoming/",
+                     **({"incomplete": counts.stopped} if counts.stopped else {}))
             return Store()
         return Done(delivered.result(source="camera", frames_recorded=counts.recorded,
-                                     frames_dropped_live=counts.live_dropped))
+                                     frames_dropped_live=counts.live_dropped,
+                                     frames_not_recorded=counts.not_recorded))
 
     await run_session(ctx, claim, stream, on_shutdown="handoff")
 
@@ -97,22 +117,42 @@ async def _record(
     live: trio.MemorySendChannel[CapturedFrame] | None,
     counts: _Counts,
     limiter: trio.CapacityLimiter,
+    disk: Disk | None = None,
 ) -> None:
-    """Write every captured frame into the session folder; offer each to the live stream."""
+    """Write every captured frame into the session folder while the disk has room; offer
+    each to the live stream."""
     writers = trio.Semaphore(WRITERS)
+
+    def stop(why: str) -> None:
+        if counts.stopped is None:
+            counts.stopped = why
+            log.warning("camera_not_recorded", reason=why, then="streamed live only")
+
+    def room() -> bool:
+        return disk is None or not disk.check()
 
     async def write(frame: CapturedFrame) -> None:
         try:
-            await trio.to_thread.run_sync(write_frame, claim.path, frame, limiter=limiter)
-            counts.recorded += 1
+            if counts.stopped is None and await trio.to_thread.run_sync(room, limiter=limiter):
+                await trio.to_thread.run_sync(write_frame, claim.path, frame, limiter=limiter)
+                counts.recorded += 1
+                return
+            if counts.stopped is None:
+                stop("the spool's filesystem is below retention.free_space_floor")
+            counts.not_recorded += 1
         except (OSError, CairedError) as err:
-            log.error("camera_frame_not_recorded", frame=frame.timestamp, reason=str(err))
+            if isinstance(err, OSError) and err.errno in _DISK_FULL:
+                stop(f"the spool's filesystem is full ({err.strerror})")
+                counts.not_recorded += 1
+            else:
+                log.error("camera_frame_not_recorded", frame=frame.timestamp, reason=str(err))
         finally:
             writers.release()
 
     async with frames, open_nursery() as nursery:
         try:
             async for frame in frames:
+                counts.captured += 1
                 await writers.acquire()  # the capture's own channel absorbs (and counts) what cannot wait
                 nursery.start_soon(write, frame)
                 if live is not None:
