@@ -191,7 +191,7 @@ class Retention:
         sizes = [self._measure(which) for which in ("done", "failed")]
         self.spool.set_bytes(done=sizes[0], failed=sizes[1])
         self._frames_gone_to = (-1, "")  # other processes may have filed folders with frames
-        self.report_failed(force=True)
+        self.report_failed()
 
     def _measure(self, which: str) -> int:
         total = 0
@@ -209,13 +209,15 @@ class Retention:
             log.warning("retention_measure_failed", folder=which, reason=exc.strerror or str(exc))
         return total
 
-    def report_failed(self, *, force: bool = False) -> None:
+    def report_failed(self) -> None:
+        """One line whenever what failed/ holds changed (and it holds something, or held)."""
         tally = self.spool.tally()
         now = (tally.failed, tally.failed_bytes)
-        if now != self._failed_reported and (force or now[0] > 0):
+        before = self._failed_reported
+        self._failed_reported = now
+        if now != before and (now[0] > 0 or (before is not None and before[0] > 0)):
             log.info("failed_kept", folders=tally.failed, bytes=tally.failed_bytes, path=str(self.spool.failed),
                      then="never deleted by caired; look at each error.json, then remove or move them")
-        self._failed_reported = now
 
     # -- a pass ------------------------------------------------------------------------------------
 

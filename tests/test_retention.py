@@ -1,0 +1,443 @@
+"""Retention and low disk: what is deleted, in which order, what never is; the low-disk state;
+a full disk at every write the spool makes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from caired import fsops
+from caired import retention as retention_module
+from caired.config import Amount, RetentionConfig
+from caired.daemon import disk_status, serve
+from caired.errors import SpoolError
+from caired.lifecycle import Context
+from caired.retention import DELETED_PREFIX, Disk, Retention, serve_retention
+from caired.spool import LOCK_FILE, RESULT_FILE, SESSION_FILE, Spool
+from caired.systemd import Notifier
+from tests.conftest import BackendFactory, make_config, write_frames, write_video
+from tests.test_spool import drop, listing, lock_elsewhere
+
+FRAME = b"\x89PNG" + bytes(8188)  # two 4 KiB blocks on most filesystems
+DAY = 86400.0
+
+
+class FakeFs:
+    """statvfs of a filesystem of ``total`` bytes whose free space is ``free`` minus what the
+    spool's frames take (so deleting frames frees space, as on a real disk)."""
+
+    def __init__(self, root: Path, total: int, free: int) -> None:
+        self.root, self.total, self.free = root, total, free
+
+    def frames_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*.png") if not p.is_symlink())
+
+    def __call__(self, _path: str) -> Any:
+        free = self.free - self.frames_bytes()
+        return SimpleNamespace(f_blocks=self.total, f_frsize=1, f_bavail=max(0, free))
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool", settle_seconds=0.0)
+    s.prepare()
+    yield s
+    s.close()
+
+
+def filed(spool: Spool, name: str, *, frames: int = 4, age_days: float = 1.0, where: str = "done") -> Path:
+    """A folder filed ``age_days`` ago in done/ (or failed/, incoming/, active/) with frames."""
+    folder = spool.root / where / name
+    folder.mkdir()
+    for i in range(frames):
+        (folder / f"{1747154380 + i / 30:.7f}.png").write_bytes(FRAME)
+    (folder / RESULT_FILE if where == "done" else folder / "error.json").write_text('{"hr": 60}')
+    (folder / LOCK_FILE).touch()
+    when = time.time() - age_days * DAY
+    os.utime(folder, (when, when))
+    return folder
+
+
+async def until(predicate: Callable[[], bool], deadline: float = 20.0) -> None:
+    with trio.fail_after(deadline):
+        while not predicate():  # noqa: ASYNC110 - polling the filesystem: there is no event to wait on
+            await trio.sleep(0.02)
+
+
+def pngs(folder: Path) -> int:
+    return len(list(folder.glob("*.png")))
+
+
+def make_retention(spool: Spool, fs: FakeFs | None = None, **cfg: Any) -> Retention:
+    settings = {"done_max_bytes": "0", "free_space_floor": "0", "folders_max_days": 0.0, **cfg}
+    config = RetentionConfig(**settings)
+    disk = Disk(spool.root, config.free_space_floor, statvfs=fs or FakeFs(spool.root, 10**12, 10**12))
+    retention = Retention(spool, config, disk)
+    retention.measure()
+    return retention
+
+
+def deletions(logs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(Path(e["path"]).name, e["what"], e["why"].split(" =")[0]) for e in logs
+            if e["event"] == "retention_deleted"]
+
+
+# --- order -------------------------------------------------------------------------------------------------------
+
+
+def test_over_the_budget_the_oldest_frames_go_first(spool: Spool) -> None:
+    folders = [filed(spool, f"s{i}", age_days=10 - i) for i in range(5)]  # s0 oldest
+    per_folder = 4 * 8192
+    retention = make_retention(spool, done_max_bytes=str(int(per_folder * 3.2) + 5 * 4 * 4096))
+    assert retention.spool.tally().done_bytes > 0
+    with capture_logs() as logs:
+        freed = retention.run_pass()
+    # down to 90% of the budget: the two oldest folders lose their frames, nothing else does
+    assert [pngs(f) for f in folders] == [0, 0, 4, 4, 4]
+    assert all((f / RESULT_FILE).exists() and (f / LOCK_FILE).exists() for f in folders)
+    assert deletions(logs) == [("s0", "frames", "retention.done_max_bytes"),
+                               ("s1", "frames", "retention.done_max_bytes")]
+    assert freed == sum(e["bytes"] for e in logs if e["event"] == "retention_deleted") >= 2 * per_folder
+    # deleting frames keeps the folders' place in the order
+    assert [f.stat().st_mtime for f in folders] == sorted(f.stat().st_mtime for f in folders)
+    with capture_logs() as logs:
+        assert retention.run_pass() == 0  # under the budget now: nothing more
+    assert deletions(logs) == []
+
+
+def test_whole_folders_go_only_when_no_frames_are_left(spool: Spool) -> None:
+    folders = [filed(spool, f"s{i}", age_days=10 - i) for i in range(3)]
+    retention = make_retention(spool, done_max_bytes="1")  # nothing fits
+    with capture_logs() as logs:
+        retention.run_pass()
+    assert deletions(logs) == [("s0", "frames", "retention.done_max_bytes"),
+                               ("s1", "frames", "retention.done_max_bytes"),
+                               ("s2", "frames", "retention.done_max_bytes"),
+                               ("s0", "folder", "retention.done_max_bytes"),
+                               ("s1", "folder", "retention.done_max_bytes"),
+                               ("s2", "folder", "retention.done_max_bytes")]
+    assert not any(f.exists() for f in folders)
+    assert listing(spool.tmp) == [] and listing(spool.done) == []
+    assert spool.counts()["done"] == 0 and spool.tally().done_bytes == 0
+
+
+def test_below_the_floor_frames_go_until_space_is_back_above_it(spool: Spool) -> None:
+    folders = [filed(spool, f"s{i}", age_days=10 - i) for i in range(4)]
+    fs = FakeFs(spool.root, total=10**9, free=200_000)  # 4 folders x 32 KiB of frames: 68,928 free
+    retention = make_retention(spool, fs, free_space_floor="100000")
+    assert retention.disk.check() is True
+    with capture_logs() as logs:
+        retention.run_pass()
+        # 100,000 + 5% = 105,000 free wanted: two folders' frames (65,536 bytes) are enough
+        assert [pngs(f) for f in folders] == [0, 0, 4, 4]
+        assert retention.disk.check() is False
+    assert {why for _, _, why in deletions(logs)} == {"retention.free_space_floor"}
+    assert [e["event"] for e in logs].count("disk_ok") == 1
+
+
+def test_frames_and_folders_past_their_age_go_on_the_long_clock(spool: Spool) -> None:
+    ancient = filed(spool, "ancient", age_days=40)
+    old = filed(spool, "old", age_days=10)
+    recent = filed(spool, "recent", age_days=1)
+    retention = make_retention(spool, frames_max_days=7.0, folders_max_days=30.0)
+    with capture_logs() as logs:
+        retention.run_pass()
+    assert not ancient.exists()
+    assert pngs(old) == 0 and (old / RESULT_FILE).exists()
+    assert pngs(recent) == 4
+    assert deletions(logs) == [("ancient", "folder", "retention.folders_max_days"),
+                               ("old", "frames", "retention.frames_max_days")]
+    filed(spool, "older still", age_days=50)
+    with capture_logs() as logs:
+        retention.run_pass()  # within the hour: ages are not looked at again
+    assert deletions(logs) == []
+
+
+# --- safety ------------------------------------------------------------------------------------------------------
+
+
+def test_nothing_undelivered_or_failed_is_ever_deleted(spool: Spool) -> None:
+    waiting = filed(spool, "waiting", where="incoming")
+    orphan = filed(spool, "orphan", where="active")
+    failed = filed(spool, "failed-one", where="failed")
+    drop(spool, "streaming")
+    claim = spool.claim("streaming")
+    assert claim is not None
+    done = filed(spool, "delivered")
+    fs = FakeFs(spool.root, total=10**9, free=0)  # below any floor, for ever
+    with capture_logs() as logs:
+        retention = make_retention(spool, fs, done_max_bytes="1", free_space_floor="50%", frames_max_days=0.001,
+                                   folders_max_days=0.001)
+        retention.run_pass()
+        retention.run_pass()
+    assert not done.exists()
+    assert pngs(waiting) == pngs(orphan) == pngs(failed) == 4 and pngs(claim.path) == 3
+    assert [e["event"] for e in logs].count("retention_exhausted") == 1  # said once, not every pass
+    [kept] = [e for e in logs if e["event"] == "failed_kept"]
+    assert kept["folders"] == 1 and kept["bytes"] >= 4 * 8192
+    spool.finish(claim, {"hr": 60.0})
+
+
+def test_a_done_folder_still_locked_is_left_alone(spool: Spool) -> None:
+    busy = filed(spool, "busy", age_days=5)
+    other = filed(spool, "other", age_days=4)
+    fd = lock_elsewhere(busy)  # another process is still filing it
+    try:
+        retention = make_retention(spool, done_max_bytes="1")
+        retention.run_pass()
+        assert pngs(busy) == 4 and busy.exists()
+        assert not other.exists()
+    finally:
+        os.close(fd)
+    retention.measure()  # the next count sees it again
+    retention.run_pass()
+    assert not busy.exists()
+
+
+def test_no_symlink_is_followed(spool: Spool, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.png").write_bytes(FRAME)
+    folder = filed(spool, "tricky", age_days=3)
+    (folder / "link.png").symlink_to(outside / "precious.png")
+    (spool.done / "linked-folder").symlink_to(outside)
+    retention = make_retention(spool, done_max_bytes="1")
+    retention.run_pass()
+    assert not folder.exists()
+    assert (spool.done / "linked-folder").is_symlink()
+    assert listing(outside) == ["precious.png"] and (outside / "precious.png").read_bytes() == FRAME
+
+
+def test_a_folder_half_removed_by_a_crash_is_removed_at_the_next_pass(spool: Spool) -> None:
+    leftover = spool.tmp / f"{DELETED_PREFIX}0123"
+    leftover.mkdir()
+    (leftover / "a.png").write_bytes(FRAME)
+    (spool.tmp / "a-recording").mkdir()
+    make_retention(spool).run_pass()
+    assert listing(spool.tmp) == ["a-recording"]
+
+
+def test_the_tally_follows_deletions_without_walking_again(spool: Spool) -> None:
+    for i in range(3):
+        filed(spool, f"s{i}", age_days=3 - i)
+    retention = make_retention(spool, done_max_bytes="1")
+    before = spool.tally().done_bytes
+    freed = retention.run_pass()
+    assert spool.tally().done_bytes == before - freed == 0
+
+
+# --- the low-disk state ------------------------------------------------------------------------------------------
+
+
+def test_low_disk_is_entered_below_the_floor_and_left_a_margin_above_it(tmp_path: Path) -> None:
+    fs = FakeFs(tmp_path, total=1000, free=1000)
+    disk = Disk(tmp_path, Amount("10%"), statvfs=fs)
+    with capture_logs() as logs:
+        fs.free = 150
+        assert disk.check() is False
+        fs.free = 99
+        assert disk.check() is True and disk.check() is True
+        fs.free = 102  # above the floor, not yet above the margin: no flapping
+        assert disk.check() is True
+        fs.free = 105
+        assert disk.check() is False
+    assert [e["event"] for e in logs] == ["disk_low", "disk_ok"]
+    assert disk.space is not None and disk.space.floor == 100
+
+
+def test_a_floor_of_zero_is_never_low(tmp_path: Path) -> None:
+    disk = Disk(tmp_path, Amount("0"), statvfs=FakeFs(tmp_path, total=1000, free=0))
+    assert disk.check() is False
+
+
+async def test_the_task_tells_when_the_state_changes(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retention_module, "CHECK_SECONDS", 0.01)
+    filed(spool, "s0")
+    fs = FakeFs(spool.root, total=10**9, free=0)
+    retention = make_retention(spool, fs, free_space_floor="1000")
+    changes: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_retention(
+            retention, changed=lambda: changes.append(retention.disk.low), task_status=task_status))
+        await until(lambda: changes == [True], 5)
+        fs.free = 10**6
+        await until(lambda: changes == [True, False], 5)
+        nursery.cancel_scope.cancel()
+    assert pngs(spool.done / "s0") == 0  # it deleted frames meanwhile
+
+
+# --- a full disk at every write the spool makes --------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    real = os.write
+
+    def set_full(full: bool) -> None:
+        def no_space(fd: int, data: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "write", no_space if full else real)
+
+    return set_full
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_full_disk_at_each_write_loses_no_folder(spool: Spool, full_disk: Callable[[bool], None]) -> None:
+    fds = open_fds()
+    drop(spool, "a")
+    full_disk(True)
+    with pytest.raises(SpoolError):  # the session file of a first claim
+        spool.claim("a")
+    assert listing(spool.incoming) == ["a"] and listing(spool.active) == []
+    with pytest.raises(SpoolError):  # a camera session's folder
+        spool.create_active("cam", source="camera")
+    assert listing(spool.active) == [] and listing(spool.tmp) == []
+    full_disk(False)
+    claim = spool.claim("a")
+    assert claim is not None
+    full_disk(True)
+    with pytest.raises(SpoolError):
+        claim.begin_attempt()
+    assert claim.attempts == 0 and not claim.in_attempt
+    with pytest.raises(SpoolError):
+        spool.finish(claim, {"hr": 60.0})
+    with pytest.raises(SpoolError):
+        spool.fail(claim, {"reason": "x"})
+    assert listing(claim.path).count(RESULT_FILE) == 0 and claim.held
+    assert spool.release(claim) == spool.incoming / "a"  # the end_attempt write fails quietly; the move needs none
+    assert open_fds() == fds
+    full_disk(False)
+    again = spool.claim("a")
+    assert again is not None and again.datapt_id == claim.datapt_id
+    spool.finish(again, {"hr": 60.0})
+    assert listing(spool.done) == ["a"]
+
+
+def test_a_folder_that_cannot_be_moved_back_is_let_go_for_recovery(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fds = open_fds()
+    drop(spool, "a")
+    claim = spool.claim("a")
+    assert claim is not None
+
+    def no_room(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fsops, "rename_noreplace", no_room)  # incoming/ cannot grow
+    with capture_logs() as logs, pytest.raises(SpoolError):
+        spool.release(claim)
+    assert not claim.held and open_fds() == fds  # no descriptor kept for it
+    assert "folder_left_for_recovery" in [e["event"] for e in logs]
+    monkeypatch.undo()
+    assert listing(spool.active) == ["a"]
+    assert spool.recover() == ["a"]  # the next rescan moves it on
+    assert listing(spool.incoming) == ["a"]
+
+
+async def test_the_daemon_rides_out_a_full_disk(
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery, full_disk: Callable[[bool], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("caired.daemon.SPOOL_RETRY", 0.2)
+    state = await backend()
+    cfg = make_config(state.port, CAIRED_SPOOL_DIR=str(tmp_path / "spool"), CAIRED_SPOOL_SETTLE_SECONDS="0",
+                      CAIRED_SPOOL_RESCAN_SECONDS="0.5", CAIRED_STREAM_FPS="0",
+                      CAIRED_RETENTION_FREE_SPACE_FLOOR="0")
+    spool = Spool(cfg.spool.dir)
+    spool.prepare()
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        full_disk(True)
+        await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None), task_status=task_status))
+        write_frames(spool.tmp / "s1", 5)
+        (spool.tmp / "s1" / ".ready").touch()
+        os.rename(spool.tmp / "s1", spool.incoming / "s1")
+        await until(lambda: sum(e["event"] == "folder_claim_failed" for e in logs) >= 3, 10)
+        full_disk(False)
+        await until((spool.done / "s1" / RESULT_FILE).exists)
+    assert listing(spool.incoming) == listing(spool.active) == []
+    assert json.loads((spool.done / "s1" / RESULT_FILE).read_text())["frames_sent"] == 5
+    assert not [e for e in logs if e["event"] == "internal_error"]
+    spool.close()
+
+
+# --- camera sessions on a low disk ---------------------------------------------------------------------------------
+
+
+async def test_below_the_floor_the_camera_streams_live_unrecorded_and_records_again_when_space_returns(
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    state = await backend()
+    video = write_video(tmp_path / "camera.avi", frames=40)
+    cfg = make_config(state.port, CAIRED_SPOOL_DIR=str(tmp_path / "spool"), CAIRED_SPOOL_SETTLE_SECONDS="0",
+                      CAIRED_SPOOL_RESCAN_SECONDS="0.5", CAIRED_STREAM_FPS="0", CAIRED_CAMERA_ENABLED="true",
+                      CAIRED_CAMERA_DEVICE=str(video), CAIRED_CAMERA_SESSION_SECONDS="1", CAIRED_CAMERA_FPS="10",
+                      CAIRED_BACKEND_HEARTBEAT="0", CAIRED_CAMERA_KEEP_FRAMES="true",
+                      CAIRED_RETENTION_FREE_SPACE_FLOOR="100%", CAIRED_RETENTION_DONE_MAX_BYTES="0")
+    spool = Path(cfg.spool.dir)
+
+    def results() -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in sorted((spool / "done").glob("*/result.json"))]
+
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        ctx: Context = await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None),
+                                                                     task_status=task_status))
+        assert ctx.disk is not None and ctx.disk.low
+        assert "DISK LOW" in disk_status(ctx) and "camera not recorded" in disk_status(ctx)
+        (spool / "tmp" / "dropped").mkdir()
+        write_frames(spool / "tmp" / "dropped", 4)
+        os.rename(spool / "tmp" / "dropped", spool / "incoming" / "dropped")
+        await until(lambda: any(r["source"] == "camera" for r in results())
+                    and any(r["session"] == "dropped" for r in results()))
+        low = next(r for r in results() if r["source"] == "camera")
+        assert low["frames_recorded"] == 0 and low["frames_not_recorded"] > 0 and low["frames_sent"] > 0
+        assert pngs(spool / "done" / low["session"]) == 0
+        assert pngs(spool / "done" / "dropped") == 4  # dropped folders are still taken
+        ctx.disk.floor = Amount("0")  # space is back
+        await until(lambda: any(r["source"] == "camera" and r["frames_recorded"] > 0 for r in results()))
+        assert disk_status(ctx) == ""
+    events = [e["event"] for e in logs]
+    assert events.count("disk_low") == 1 and events.count("disk_ok") == 1
+    unrecorded = [e for e in logs if e["event"] == "camera_not_recorded"]
+    assert unrecorded and all(e["session"].startswith("cam-") for e in unrecorded)
+    assert len({e["session"] for e in unrecorded}) == len(unrecorded)  # one line per session, not per frame
+
+
+async def test_a_full_disk_stops_a_recording_once_and_the_live_stream_goes_on(
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(folder: Path, frame: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("caired.live.write_frame", no_space)
+    state = await backend()
+    video = write_video(tmp_path / "camera.avi", frames=40)
+    cfg = make_config(state.port, CAIRED_SPOOL_DIR=str(tmp_path / "spool"), CAIRED_STREAM_FPS="0",
+                      CAIRED_CAMERA_ENABLED="true", CAIRED_CAMERA_DEVICE=str(video),
+                      CAIRED_CAMERA_SESSION_SECONDS="1", CAIRED_CAMERA_FPS="10", CAIRED_BACKEND_HEARTBEAT="0",
+                      CAIRED_RETENTION_FREE_SPACE_FLOOR="0")
+    spool = Path(cfg.spool.dir)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None), task_status=task_status))
+        await until(lambda: bool(list((spool / "done").glob("*/result.json"))))
+    result = json.loads(next((spool / "done").glob("*/result.json")).read_text())
+    assert result["frames_recorded"] == 0 and result["frames_sent"] == result["frames_not_recorded"] > 5
+    first = [e for e in logs if e.get("session") == result["session"]]
+    assert [e["event"] for e in first].count("camera_not_recorded") == 1
+    assert not [e for e in first if e["event"] == "camera_frame_not_recorded"]
+    assert (spool / "done" / result["session"] / SESSION_FILE).exists()
