@@ -5,7 +5,8 @@ up to a second), every ``rescan_seconds`` (lost events, network filesystems, orp
 dead processes: ``Spool.recover`` runs first), when a folder still settling may have
 become ready, and every 2 s when inotify cannot be used, it scans incoming/ once in a
 worker thread and hands the result to ``Ready``. The dispatcher takes names from
-``Ready`` without scanning again: one scan per poke. A scan trusts what the spool found
+``Ready`` without scanning again: one scan per poke. When it has taken every name of a
+scan, it pokes the watcher itself rather than wait out the grouping of events. A scan trusts what the spool found
 ready before (``Spool.scan``: an ``lstat`` per waiting folder, not a look into it); the
 periodic rescan looks into every folder again.
 
@@ -19,6 +20,7 @@ import collections
 import contextlib
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, cast
 
@@ -50,6 +52,8 @@ class Ready:
         self._names: collections.deque[str] = collections.deque()
         self._held_back: dict[str, float] = {}
         self._changed = trio.Event()
+        self._fed = False  # the last scan found something, and the queue has not run dry since
+        self.on_drained: Callable[[], None] = lambda: None  # the watcher's: look again now
         self.scans = 0
 
     def update(self, names: list[str]) -> None:
@@ -57,17 +61,26 @@ class Ready:
         now = trio.current_time()
         self._held_back = {n: t for n, t in self._held_back.items() if t > now and n in present}
         self._names = collections.deque(names)
+        self._fed = bool(names)
         self.scans += 1
         self._changed.set()
 
     def take(self) -> str | None:
-        """The oldest ready name not held back, removed from the queue; None when there is none."""
+        """The oldest ready name not held back, removed from the queue; None when there is none.
+
+        A queue that a non-empty scan filled and that has now run dry asks the watcher for a
+        scan at once (``on_drained``): more may have been dropped meanwhile, and the events
+        that say so are still being grouped. A scan that finds nothing asks for nothing.
+        """
         now = trio.current_time()
         for _ in range(len(self._names)):
             name = self._names.popleft()
             if self._held_back.get(name, -math.inf) <= now:
                 return name
             self._names.append(name)  # held back: keep it for when its time is up
+        if not self._names and self._fed:
+            self._fed = False
+            self.on_drained()
         return None
 
     def hold_back(self, name: str, seconds: float) -> None:
@@ -160,6 +173,7 @@ async def watch(
     """
     wake_send, wake_recv = trio.open_memory_channel[None](1)
     events = _Events(wake_send)
+    ready.on_drained = lambda: _nudge(wake_send)
     flag = _StopFlag(events.established)
     async with trio.open_nursery() as nursery:
         try:

@@ -254,3 +254,23 @@ def test_scans_and_rescans_refresh_incoming_and_active(spool: Spool) -> None:
     spool.recover()  # alive elsewhere: nothing moved, but counted
     spool.scan()
     assert spool.counts() == {"incoming": 0, "active": 1, "done": 0, "failed": 0}
+
+
+# --- the ready queue asks for a scan when a scan's names are all taken ---------------------------------------------
+
+
+async def test_a_drained_queue_asks_the_watcher_to_look_again_once(autojump_clock: object) -> None:
+    from caired.watch import Ready
+
+    asked: list[int] = []
+    ready = Ready()
+    ready.on_drained = lambda: asked.append(1)
+    ready.update(["a", "b"])
+    assert [ready.take(), ready.take()] == ["a", "b"] and asked == []
+    assert ready.take() is None and asked == [1]  # ran dry: more may have come meanwhile
+    assert ready.take() is None and asked == [1]  # asked once, not on every look
+    ready.update([])
+    assert ready.take() is None and asked == [1]  # an empty scan asks for nothing: no busy loop
+    ready.update(["c"])
+    ready.hold_back(ready.take() or "", 10.0)
+    assert ready.take() is None and asked == [1]  # a name held back is not a dry queue
