@@ -63,7 +63,7 @@ import trio
 from caired import fsops
 from caired.config import Amount, RetentionConfig
 from caired.fsops import shown
-from caired.spool import LOCK_FILE, Spool, delete_frames, usage
+from caired.spool import FRAME_SUFFIXES, LOCK_FILE, Spool, delete_frames, usage
 
 log = structlog.get_logger()
 
@@ -355,6 +355,7 @@ class Retention:
                     if fsops.lock_is_held(folder, LOCK_FILE):
                         return None
                     size = usage(folder)
+                    frames = sum(1 for e in os.scandir(folder) if e.name.lower().endswith(FRAME_SUFFIXES))
                     if not fsops.same_inode(folder, name, dir_fd=done):
                         return None
                     fsops.rename_noreplace(done, name, tmp, staging)
@@ -364,7 +365,7 @@ class Retention:
             if exc.errno not in fsops.GONE:
                 log.warning("retention_failed", what="folder", path=path, reason=exc.strerror or str(exc))
             return None
-        log.info("retention_deleted", what="folder", path=path, bytes=size, why=why)
+        log.info("retention_deleted", what="folder", path=path, files=frames, bytes=size, why=why)
         return size
 
     def _remove_leftovers(self) -> None:

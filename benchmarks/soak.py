@@ -1,0 +1,151 @@
+"""Soak: many short sessions through one daemon; memory, descriptors, threads and the rate
+sampled every 1,000 sessions must stay flat.
+
+    python benchmarks/soak.py [--sessions 100000] [--every 1000] [--backlog 20] [--done-budget 50M]
+
+One ``caired run`` (max_sessions 2, unpaced) and one local backend, each in its own
+process. A dropper keeps ``--backlog`` folders waiting: each time a session ends
+(``folder_done`` in the daemon's log), it writes one more folder of 20 small frames
+(hard links to templates) in ``tmp/``, marks it ``.ready`` and moves it into ``incoming/``.
+``[retention] done_max_bytes`` is set to ``--done-budget`` so retention deletes frames and
+then whole folders of ``done/`` throughout (its cost is part of what is measured).
+
+Every ``--every`` sessions: the daemon's RSS, open descriptors and threads (/proc, read
+every 0.2 s; the sample is the highest of the window, since a snapshot depends on what
+is in flight at that instant), its CPU per session, the rate over those sessions, and
+what ``done/`` holds. After the warm-up (the first sample), each series must stay within
+10% of its median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from _daemon import Daemon, free_port, make_folder, spool_env, start_backend, stop, template_frames, workdir
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--every", type=int, default=1_000, help="sample every this many sessions")
+    parser.add_argument("--backlog", type=int, default=20, help="folders kept waiting")
+    parser.add_argument("--done-budget", default="50M", help="[retention] done_max_bytes for the soak")
+    parser.add_argument("--dir", default=None, help="where the spool is made (default $TMPDIR)")
+    parser.add_argument("--out", default=None, help="write the samples as JSON here")
+    parser.add_argument("--tolerance", type=float, default=0.10)
+    args = parser.parse_args()
+
+    base = workdir(args.dir, "caired-soak")
+    frames = template_frames(base / "templates")
+    spool = base / "spool"
+    if spool.exists():
+        shutil.rmtree(spool)
+    for name in ("incoming", "active", "done", "failed", "tmp"):
+        (spool / name).mkdir(parents=True)
+
+    made = 0
+    made_lock = threading.Lock()
+
+    def drop_one() -> None:
+        nonlocal made
+        with made_lock:
+            if made >= args.sessions:
+                return
+            made += 1
+            name = f"s{made:07d}"
+        make_folder(spool / "tmp" / name, frames)
+        (spool / "tmp" / name / ".ready").touch()
+        os.rename(spool / "tmp" / name, spool / "incoming" / name)
+
+    done = 0
+    done_at: list[float] = []
+    done_lock = threading.Lock()
+    problems: list[dict[str, Any]] = []
+
+    def on_line(event: dict[str, Any]) -> None:
+        nonlocal done
+        kind = event.get("event")
+        if kind == "folder_done":
+            with done_lock:
+                done += 1
+                if done % args.every == 0:
+                    done_at.append(event["_t"])
+            drop_one()
+        elif event.get("level") in ("error", "critical") or kind == "internal_error":
+            problems.append(event)
+
+    for _ in range(args.backlog):
+        drop_one()
+    port = free_port()
+    backend = start_backend(port)
+    daemon = Daemon(spool_env(spool, port, CAIRED_SPOOL_MAX_SESSIONS="2",
+                              CAIRED_RETENTION_DONE_MAX_BYTES=args.done_budget), base, on_line=on_line,
+                    keep_lines=False)
+    samples: list[dict[str, Any]] = []
+    try:
+        daemon.wait_ready()
+        start = time.perf_counter()
+        last_t, last_cpu = start, daemon.proc_stats()["cpu_s"]
+        peak = {"rss_mb": 0.0, "fds": 0.0, "threads": 0.0}
+        next_poll = 0.0
+        while True:
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + 0.2
+                now = daemon.proc_stats()
+                peak = {key: max(value, now[key]) for key, value in peak.items()}
+            with done_lock:
+                marks = len(done_at)
+            if marks > len(samples):
+                stats = daemon.proc_stats()
+                peak = {key: max(value, stats[key]) for key, value in peak.items()}
+                t = done_at[len(samples)]
+                done_folders = sum(1 for _ in os.scandir(spool / "done"))
+                sample = {"sessions": (len(samples) + 1) * args.every, "rate": args.every / (t - last_t),
+                          "cpu_ms": 1000 * (stats["cpu_s"] - last_cpu) / args.every, **peak,
+                          "done_folders": done_folders, "elapsed_s": t - start}
+                samples.append(sample)
+                last_t, last_cpu = t, stats["cpu_s"]
+                peak = {"rss_mb": 0.0, "fds": 0.0, "threads": 0.0}
+                print(f"{sample['sessions']:>7} sessions  {sample['rate']:6.2f}/s  CPU {sample['cpu_ms']:5.1f} ms  "
+                      f"RSS {sample['rss_mb']:6.1f} MB  fds {sample['fds']:3.0f}  threads {sample['threads']:2.0f}  "
+                      f"done/ {done_folders:6d}  ({sample['elapsed_s']:.0f} s)", flush=True)
+                if sample["sessions"] >= args.sessions:
+                    break
+            if daemon.proc.poll() is not None:
+                raise SystemExit(f"caired run exited with {daemon.proc.returncode}")
+            time.sleep(0.05)
+        status = daemon.notifications.status
+    finally:
+        daemon.stop()
+        stop(backend)
+
+    verdicts = {}
+    steady = samples[1:] if len(samples) > 1 else samples
+    for key in ("rss_mb", "fds", "threads", "rate", "cpu_ms"):
+        series = [s[key] for s in steady]
+        median = statistics.median(series)
+        spread = max(abs(v - median) for v in series) / median if median else 0.0
+        verdicts[key] = {"median": median, "min": min(series), "max": max(series), "spread": spread,
+                         "flat": spread <= args.tolerance}
+    print(f"\n{args.sessions} sessions, samples every {args.every} after the first:")
+    for key, v in verdicts.items():
+        print(f"  {key:8s} median {v['median']:8.2f}  min {v['min']:8.2f}  max {v['max']:8.2f}  "
+              f"largest deviation {100 * v['spread']:4.1f}%  {'flat' if v['flat'] else 'NOT FLAT'}")
+    print(f"  errors logged: {len(problems)}; last STATUS={status!r}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"samples": samples, "verdicts": verdicts, "errors": problems[:20]},
+                                             indent=2))
+    return 0 if all(v["flat"] for v in verdicts.values()) and not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
