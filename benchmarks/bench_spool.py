@@ -12,6 +12,7 @@ settle and rescan) streams them to the local backend (``caired backend --no-esti
 ends (``folder_done``), the benchmark moves one more folder, written before the daemon
 started, into ``incoming/``. After ``--warmup`` sessions, the time of the next
 ``--sessions`` gives sessions/s, and the daemon's CPU over them gives CPU ms per session.
+With ``--repeat`` the backlogs are run in turn, round after round, and medians reported.
 
 Then the start-up case: ``--ready-incoming`` folders in ``incoming/`` and ``--ready-active``
 folders left in ``active/`` by a process that died; the time from spawning ``caired run``
@@ -163,9 +164,12 @@ def main() -> int:
     backend = start_backend(port)
     results: dict[str, Any] = {"backlogs": [], "startup": None, "caired_src": args.caired_src}
     try:
-        for waiting in backlogs:
-            runs = [measure_backlog(base, port, frames, waiting, args.warmup, args.sessions, args.caired_src)
-                    for _ in range(args.repeat)]
+        by_backlog: dict[int, list[dict[str, Any]]] = {waiting: [] for waiting in backlogs}
+        for _ in range(args.repeat):  # interleaved, so a busy spell of the machine hits every backlog alike
+            for waiting in backlogs:
+                by_backlog[waiting].append(measure_backlog(base, port, frames, waiting, args.warmup, args.sessions,
+                                                           args.caired_src))
+        for waiting, runs in by_backlog.items():
             rate = statistics.median(r["rate"] for r in runs)
             row = {**runs[0], "rate": rate, "rates": [r["rate"] for r in runs],
                    "cpu_ms": statistics.median(r["cpu_ms"] for r in runs)}

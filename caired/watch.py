@@ -6,7 +6,10 @@ dead processes: ``Spool.recover`` runs first), when a folder still settling may 
 become ready, and every 2 s when inotify cannot be used, it scans incoming/ once in a
 worker thread and hands the result to ``Ready``. The dispatcher takes names from
 ``Ready`` without scanning again: one scan per poke. When it has taken every name of a
-scan, it pokes the watcher itself rather than wait out the grouping of events. A scan trusts what the spool found
+scan, it pokes the watcher itself rather than wait out the grouping of events. While
+``DEEP_QUEUE`` or more folders wait in ``Ready``, events are looked at no more often than
+every ``DEEP_QUEUE_GAP`` seconds: with thousands waiting, every claim is an event, and
+what a new scan would add comes after what is queued (oldest first) all the same. A scan trusts what the spool found
 ready before (``Spool.scan``: an ``lstat`` per waiting folder, not a look into it); the
 periodic rescan looks into every folder again.
 
@@ -38,6 +41,8 @@ WATCH_DEBOUNCE_MS: Final = 1_000  # longest a stream of changes is grouped befor
 POLL_SECONDS: Final = 2.0  # look this often when inotify cannot be used
 SETTLE_SLACK: Final = 0.05  # wake a little after a folder may become ready, not just before
 SCAN_RETRY: Final = 10.0  # a scan that failed is tried again after this, if nothing else wakes us
+DEEP_QUEUE: Final = 64  # with this many folders ready and not yet taken...
+DEEP_QUEUE_GAP: Final = 5.0  # ...events wait this long after the last scan: what they add comes after them
 
 
 class Ready:
@@ -184,7 +189,7 @@ async def watch(
             next_rescan = trio.current_time() + rescan_seconds
             while True:
                 scan = await _look(spool, recover=rescan)
-                now = trio.current_time()
+                now = last_scan = trio.current_time()
                 deadline = next_rescan
                 if scan is None:
                     deadline = min(deadline, now + SCAN_RETRY)
@@ -196,6 +201,10 @@ async def watch(
                     deadline = min(deadline, now + POLL_SECONDS)
                 with trio.move_on_at(deadline):
                     await wake_recv.receive()
+                    if len(ready) >= DEEP_QUEUE:  # a backlog: what events add waits its turn anyway
+                        await trio.sleep_until(last_scan + DEEP_QUEUE_GAP)
+                        with contextlib.suppress(trio.WouldBlock):
+                            wake_recv.receive_nowait()  # events meanwhile: the scan about to run sees them
                 rescan = trio.current_time() >= next_rescan
                 if rescan:
                     next_rescan = trio.current_time() + rescan_seconds

@@ -274,3 +274,67 @@ async def test_a_drained_queue_asks_the_watcher_to_look_again_once(autojump_cloc
     ready.update(["c"])
     ready.hold_back(ready.take() or "", 10.0)
     assert ready.take() is None and asked == [1]  # a name held back is not a dry queue
+
+
+async def _watch_with_fake_events(
+    monkeypatch: pytest.MonkeyPatch, waiting: int, event_times: list[float], until: float
+) -> list[float]:
+    """Run the watcher on virtual time with inotify events at ``event_times`` and every scan
+    finding ``waiting`` folders ready; returns the times of the scans."""
+    import functools
+    from types import SimpleNamespace
+
+    import trio
+    import watchfiles
+
+    from caired import watch as watch_module
+    from caired.spool import Scan
+    from caired.watch import Ready, watch
+
+    send, receive = trio.open_memory_channel[None](0)
+
+    def fake_awatch(*args: object, stop_event: object, **kwargs: object) -> object:
+        async def changes() -> object:
+            stop_event.is_set()  # type: ignore[attr-defined]  # established
+            async for _ in receive:
+                yield {(watchfiles.Change.added, "x")}
+
+        return changes()
+
+    scans: list[float] = []
+
+    async def look(spool: object, *, recover: bool) -> Scan:
+        scans.append(trio.current_time())
+        return Scan([f"f{i}" for i in range(waiting)], None)
+
+    monkeypatch.setattr(watchfiles, "awatch", fake_awatch)
+    monkeypatch.setattr(watch_module, "_look", look)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(watch, SimpleNamespace(incoming=Path("/nowhere")), Ready(),
+                                              rescan_seconds=1000.0))
+        for at in event_times:
+            await trio.sleep_until(start + at)
+            await send.send(None)
+        await trio.sleep_until(start + until)
+        nursery.cancel_scope.cancel()
+    return [t - start for t in scans]
+
+
+async def test_with_a_backlog_events_wait_for_the_gap_after_the_last_scan(
+    autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caired.watch import DEEP_QUEUE, DEEP_QUEUE_GAP
+
+    assert DEEP_QUEUE_GAP == 5.0
+    scans = await _watch_with_fake_events(monkeypatch, DEEP_QUEUE, [1.0, 2.0, 3.0, 7.0], until=20.0)
+    assert scans == [0.0, 5.0, 10.0]  # three events grouped into one scan; the next waits for its gap
+
+
+async def test_with_few_waiting_an_event_is_scanned_at_once(
+    autojump_clock: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caired.watch import DEEP_QUEUE
+
+    scans = await _watch_with_fake_events(monkeypatch, DEEP_QUEUE - 1, [1.0, 2.0, 3.0], until=20.0)
+    assert scans == [0.0, 1.0, 2.0, 3.0]
