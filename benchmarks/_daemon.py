@@ -139,8 +139,9 @@ class Daemon:
         if pythonpath:
             full["PYTHONPATH"] = pythonpath
         self.started_at = time.perf_counter()
+        # cwd: ``-m`` puts the working folder first on sys.path, before PYTHONPATH
         self.proc = subprocess.Popen([sys.executable, "-m", "caired", "run"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=full)
+                                     stderr=subprocess.DEVNULL, env=full, cwd=workdir)
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self._on_line = on_line
         self._keep = keep_lines
@@ -204,3 +205,11 @@ def spool_env(spool: Path, port: int, **extra: str) -> dict[str, str]:
         "CAIRED_BACKEND_HEARTBEAT": "0",
         **extra,
     }
+
+
+def caired_source(pythonpath: str | None, cwd: Path) -> str:
+    """Where the daemon's ``caired`` package comes from, as the daemon would import it."""
+    env = clean_env(**({"PYTHONPATH": pythonpath} if pythonpath else {}))
+    out = subprocess.run([sys.executable, "-c", "import caired, os; print(os.path.dirname(caired.__file__))"],
+                         env=env, cwd=cwd, capture_output=True, text=True, check=True)
+    return out.stdout.strip()

@@ -35,7 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _daemon import Daemon, free_port, make_folder, spool_env, start_backend, stop, template_frames, workdir
+from _daemon import (
+    Daemon,
+    caired_source,
+    free_port,
+    make_folder,
+    spool_env,
+    start_backend,
+    stop,
+    template_frames,
+    workdir,
+)
 
 SETTLE = 5.0  # the default settle_seconds: folders are written at least this long before the daemon looks
 
@@ -161,8 +171,10 @@ def main() -> int:
     frames = template_frames(base / "templates")
     backlogs = [int(b) for b in args.backlogs.split(",") if b]
     port = free_port()
+    source = caired_source(args.caired_src, base)
+    print(f"caired run from {source}", flush=True)
     backend = start_backend(port)
-    results: dict[str, Any] = {"backlogs": [], "startup": None, "caired_src": args.caired_src}
+    results: dict[str, Any] = {"backlogs": [], "startup": None, "caired_src": source}
     try:
         by_backlog: dict[int, list[dict[str, Any]]] = {waiting: [] for waiting in backlogs}
         for _ in range(args.repeat):  # interleaved, so a busy spell of the machine hits every backlog alike
