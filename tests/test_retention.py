@@ -351,10 +351,8 @@ def test_a_folder_that_cannot_be_moved_back_is_let_go_for_recovery(
 
 
 async def test_the_daemon_rides_out_a_full_disk(
-    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery, full_disk: Callable[[bool], None],
-    monkeypatch: pytest.MonkeyPatch,
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery, full_disk: Callable[[bool], None]
 ) -> None:
-    monkeypatch.setattr("caired.daemon.SPOOL_RETRY", 0.2)
     state = await backend()
     cfg = make_config(state.port, CAIRED_SPOOL_DIR=str(tmp_path / "spool"), CAIRED_SPOOL_SETTLE_SECONDS="0",
                       CAIRED_SPOOL_RESCAN_SECONDS="0.5", CAIRED_STREAM_FPS="0",
@@ -363,7 +361,8 @@ async def test_the_daemon_rides_out_a_full_disk(
     spool.prepare()
     with capture_logs(processors=[merge_contextvars]) as logs:
         full_disk(True)
-        await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None), task_status=task_status))
+        await nursery.start(lambda task_status: serve(cfg, notifier=Notifier(None), spool_retry=0.2,
+                                                      task_status=task_status))
         write_frames(spool.tmp / "s1", 5)
         (spool.tmp / "s1" / ".ready").touch()
         os.rename(spool.tmp / "s1", spool.incoming / "s1")
