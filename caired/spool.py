@@ -1290,11 +1290,11 @@ class Spool:
 
 
 def delete_frames(dir_fd: int) -> tuple[int, int]:
-    """Delete the frames (regular .png/.jpg/.jpeg files) of the folder open as ``dir_fd``, never
-    following a symlink; everything else stays. Returns (files, bytes freed). The folder's
-    mtime is put back afterwards, so it still tells when the folder was filed (retention's
-    oldest-first order). OSError if the folder cannot be listed; a frame that vanished
-    meanwhile is skipped."""
+    """Delete the frames (regular files named with ``FRAME_SUFFIXES``: images, and a video) of the
+    folder open as ``dir_fd``, never following a symlink; everything else stays. Returns (files,
+    bytes freed). The folder's mtime is put back afterwards, so it still tells when the folder
+    was filed (retention's oldest-first order). OSError if the folder cannot be listed; a frame
+    that vanished meanwhile is skipped."""
     before = os.fstat(dir_fd)
     deleted = freed = 0
     for entry in list(os.scandir(dir_fd)):
