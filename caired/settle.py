@@ -46,6 +46,7 @@ from typing import Final
 import attrs
 
 READY_MARKER: Final = ".ready"
+_MASK: Final = (1 << 64) - 1
 
 @attrs.define
 class _Look:
@@ -78,7 +79,9 @@ class Settler:
             return 0.0
         own = os.fstat(folder_fd)
         newest = own.st_mtime
-        items: list[tuple[str, int, int, int]] = []
+        # The signature is summed entry by entry (in any order, as scandir gives them), so a
+        # folder of a million files costs a million stats but no list of them in memory.
+        combined = 0
         for entry in os.scandir(folder_fd):
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -86,8 +89,8 @@ class Settler:
                 continue
             newest = max(newest, st.st_mtime, st.st_ctime)
             size = 0 if stat.S_ISDIR(st.st_mode) else st.st_size
-            items.append((entry.name, size, st.st_mtime_ns, st.st_ctime_ns))
-        signature = hash((own.st_mtime_ns, tuple(sorted(items))))
+            combined = (combined + hash((entry.name, size, st.st_mtime_ns, st.st_ctime_ns))) & _MASK
+        signature = hash((own.st_mtime_ns, combined))
         with self._lock:
             look = self._looks.get(name)
             if look is None:
