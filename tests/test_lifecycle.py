@@ -35,6 +35,7 @@ async def test_a_bug_in_one_session_fails_that_folder_only(
                     "one folder failed, the other done")
         drop(spool, "after", 2, 4)  # the daemon goes on
         await until(lambda: "after" in names_in(spool, "done"), "a folder dropped after the bug")
+        await until(lambda: ctx.sessions.finished == 2, "its session counted")  # a moment after the move
         assert ctx.sessions.failed == 1 and ctx.sessions.finished == 2
     error = json.loads((spool / "failed" / "cursed" / "error.json").read_text())
     assert error["error_type"] == "RuntimeError" and error["reason"] == "a bug nobody foresaw"
