@@ -38,6 +38,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -336,6 +337,8 @@ def plant_folder(case: FolderCase, ident: int, staging: Path, incoming: Path, sp
         write_frames(Path(os.fsdecode(where)), case.goods, start=base, seed=ident)
     unreadable: set[str] = set()
     maybe = 0
+    same_time = False
+    odd_times: set[Decimal] = set()
     quarantine = one_crash_from_quarantine = False
     session = shown(case.name)
     numbers = itertools.count(1)
@@ -383,8 +386,12 @@ def plant_folder(case: FolderCase, ident: int, staging: Path, incoming: Path, sp
             else:
                 maybe += 1
         elif kind == "odd_stem":  # a readable frame with a name that is a number, but an odd one
-            path = os.path.join(where, params.format(b=int(base) + 700).encode())
+            stem = params.format(b=int(base) + 700)
+            path = os.path.join(where, stem.encode())
             if not os.path.lexists(path):
+                value = Decimal(stem[: -len(".png")])
+                same_time = same_time or value in odd_times  # 7.png beside 007.png: the folder is refused
+                odd_times.add(value)
                 with open(path, "wb") as f:
                     f.write(good_png(ident + 1))
                 maybe += 1
@@ -458,6 +465,8 @@ def plant_folder(case: FolderCase, ident: int, staging: Path, incoming: Path, sp
     os.rename(where, os.path.join(os.fsencode(incoming), case.name))
     if quarantine:
         outcomes, reason = frozenset({"failed"}), "quarantined"
+    elif same_time:
+        outcomes, reason = frozenset({"failed"}), "carry the same time"
     elif case.goods:
         outcomes, reason = frozenset({"done"}), None
     elif maybe:
