@@ -122,9 +122,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_backend(port: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "caired", "backend", "--host", "127.0.0.1", "--port", str(port),
-           "--no-estimate", "--no-validate", "--log-format", "json", "--log-level", "warning"]
+def start_backend(port: int, kind: str, answer_every: int) -> subprocess.Popen[bytes]:
+    """The backend every client talks to, in its own process: the independent one, or caired's own."""
+    if kind == "websockets":
+        cmd = [sys.executable, str(HERE / "ws_backend.py"), "--port", str(port), "--answer-every", str(answer_every)]
+    else:
+        cmd = [sys.executable, "-m", "caired", "backend", "--host", "127.0.0.1", "--port", str(port),
+               "--no-estimate", "--no-validate", "--log-format", "json", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=clean_env())
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -137,6 +141,12 @@ def start_backend(port: int) -> subprocess.Popen[bytes]:
             time.sleep(0.05)
     proc.kill()
     raise SystemExit("the backend did not start listening")
+
+
+def cpu_seconds(pid: int) -> float:
+    """A running process's user + system CPU so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -228,14 +238,17 @@ def notebook_stream_seconds(stdout: str) -> tuple[float, float]:
     return started, finished
 
 
-def run_caired(port: int, directory: Path, frames: int, *, fmt: str, fps: int, trace: Path | None) -> dict[str, Any]:
+def run_caired(port: int, directory: Path, frames: int, *, fmt: str, fps: int, trace: Path | None,
+               tree: Path | None = None) -> dict[str, Any]:
+    """One ``caired stream``; ``tree``: the caired of that source tree instead (``--before``)."""
     args = [str(directory), "--fps", str(fps), "--format", fmt, "--jpeg-quality", str(QUALITY),
             "--log-format", "json", "--retries", "1"]
     if trace is not None:
         cmd = [sys.executable, str(HERE / "traced_stream.py"), str(trace), *args]
     else:
         cmd = [sys.executable, "-m", "caired", "stream", *args]
-    result = run_child(cmd, clean_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{port}/ws/"))
+    extra = {"PYTHONPATH": str(tree)} if tree is not None else {}
+    result = run_child(cmd, clean_env(BACKEND_WS_BASE=f"ws://127.0.0.1:{port}/ws/", **extra))
     started, finished = caired_stream_seconds(result.pop("stdout"))
     result.update(_rates(frames, finished - started, result))
     if trace is not None:
@@ -281,6 +294,7 @@ def percentile(ordered: list[float], q: float) -> float:
 # ---------------------------------------------------------------- report
 
 CASES = ("caired jpeg", "caired raw", "caired jpeg 30fps", "notebook jpeg", "notebook raw")
+BEFORE = ("before jpeg", "before raw")  # with --before DIR: that tree's caired, in the same run
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -290,9 +304,9 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def table(summary: dict[str, dict[str, float]], limit: float) -> str:
     head = (f"{'case':<20}{'frames/s':>9}{'stream s':>9}{'wall s':>8}{'CPU ms/f':>9}{'RSS MB':>8}"
-            f"{'p50 ms':>8}{'p99 ms':>8}{'vs limit':>9}{'vs notebook':>12}")
+            f"{'p50 ms':>8}{'p99 ms':>8}{'vs limit':>9}{'vs notebook':>12}{'backend CPU ms/f':>17}")
     lines = [head, "-" * len(head)]
-    for case in CASES:
+    for case in (*CASES, *BEFORE):
         if case not in summary:
             continue
         row = summary[case]
@@ -304,7 +318,8 @@ def table(summary: dict[str, dict[str, float]], limit: float) -> str:
         p50 = f"{row['p50_ms']:.2f}" if "p50_ms" in row else ""
         p99 = f"{row['p99_ms']:.2f}" if "p99_ms" in row else ""
         lines.append(f"{case:<20}{row['fps']:>9.1f}{row['stream_s']:>9.2f}{row['wall']:>8.2f}{row['cpu_ms']:>9.2f}"
-                     f"{row['rss_mb']:>8.1f}{p50:>8}{p99:>8}{vs_limit:>9}{vs_nb:>12}")
+                     f"{row['rss_mb']:>8.1f}{p50:>8}{p99:>8}{vs_limit:>9}{vs_nb:>12}"
+                     f"{row.get('backend_cpu_ms', math.nan):>17.2f}")
     lines.append(f"{'limit (decode+q90)':<20}{limit:>9.1f}")
     paced = summary.get("caired jpeg 30fps")
     if paced:
@@ -323,13 +338,23 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "caired-bench")
     parser.add_argument("--out", type=Path, help="write every run and the medians as JSON")
-    parser.add_argument("--only", choices=CASES, action="append", help="run only these cases (repeatable)")
+    parser.add_argument("--only", choices=(*CASES, *BEFORE), action="append", help="run only these cases (repeatable)")
     parser.add_argument("--notebook-fps", type=float,
                         help="the notebook client's FPS: it has no unpaced mode, so 'unpaced' is a high FPS "
                              "(default: as many as there are frames, 1000; below 2 x frames, or its prefill "
                              "swallows the folder)")
+    parser.add_argument("--backend", choices=("websockets", "caired"), default="websockets",
+                        help="websockets: the independent asyncio server in ws_backend.py (default); "
+                             "caired: caired's own backend, --no-estimate --no-validate")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="also run the caired of this source tree (e.g. `git worktree add DIR main`), "
+                             "unpaced jpeg and raw, interleaved with the others: before and after in one run")
+    parser.add_argument("--answer-every", type=int, default=1, metavar="N",
+                        help="the websockets backend answers every Nth frame (default 1: every frame)")
     args = parser.parse_args()
     cases = args.only or list(CASES)
+    if args.before is not None:
+        cases += [case for case in BEFORE if case not in cases]
     if args.notebook_fps is None:
         args.notebook_fps = float(args.frames)
     if any(case.startswith("notebook") for case in cases) and not 0 < args.notebook_fps * 0.5 < args.frames:
@@ -338,7 +363,7 @@ def main() -> int:
     directory = ensure_frames(args.cache, args.frames)
     paths = frame_paths(directory)[: args.frames]
     port = free_port()
-    backend = start_backend(port)
+    backend = start_backend(port, args.backend, args.answer_every)
     runs: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
     limits: list[float] = []
     try:
@@ -348,12 +373,15 @@ def main() -> int:
                 limits.append(measure_limit(paths)["fps"])
                 for case in cases:
                     who, fmt, *paced = case.split()
-                    if who == "caired":
+                    backend_cpu = cpu_seconds(backend.pid)
+                    if who in ("caired", "before"):
                         fps = PACED_FPS if paced else 0
                         result = run_caired(port, directory, len(paths), fmt=fmt, fps=fps,
-                                            trace=trace if paced else None)
+                                            trace=trace if paced else None,
+                                            tree=args.before.resolve() if who == "before" else None)
                     else:
                         result = run_notebook(port, directory, len(paths), fmt=fmt, fps=args.notebook_fps)
+                    result["backend_cpu_ms"] = 1000 * (cpu_seconds(backend.pid) - backend_cpu) / len(paths)
                     runs[case].append(result)
                     print(f"[{rep + 1}/{args.repeat}] {case:<18} {result['fps']:7.1f} frames/s "
                           f"{result['cpu_ms']:6.2f} CPU ms/frame {result['rss_mb']:6.1f} MB"
@@ -366,7 +394,10 @@ def main() -> int:
     summary = {case: medians(results) for case, results in runs.items()}
     with_notebook = any(case.startswith("notebook") for case in cases)
     notebook = f"; the notebook client at FPS={args.notebook_fps:g}" if with_notebook else ""
-    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs{notebook}")
+    answers = f", answering every {args.answer_every} frames" if args.answer_every > 1 else ", answering every frame"
+    backend_name = f"the websockets backend{answers}" if args.backend == "websockets" else "caired's own backend"
+    print(f"\n{len(paths)} frames {WIDTH}x{HEIGHT}, {os.cpu_count()} cores, medians of {args.repeat} runs, "
+          f"{backend_name}{notebook}")
     print(table(summary, limit))
     if args.out:
         args.out.write_text(json.dumps({"frames": len(paths), "cores": os.cpu_count(), "limit_fps": limits,
