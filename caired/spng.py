@@ -1,0 +1,132 @@
+"""PNG decoding with libspng, called through ctypes so the GIL is released while it works.
+
+OpenCV's PNG decoder (libpng + zlib) was ~4.4-5 CPU ms of a 640x480 frame here; libspng
+decodes the same frames in ~3 ms. The ``pyspng`` package ships libspng in its wheel
+(x86-64 and aarch64 Linux) but its own ``load`` holds the GIL for the whole decode, so
+two worker threads decode no faster than one, and the event loop waits behind each
+decode. The library's C functions are exported by that same extension module, so they
+are called here directly with ctypes, which lets go of the GIL for every foreign call:
+frames decode on every core, and the event loop runs meanwhile.
+
+Only what libspng's public API (``spng.h``, 0.7) promises is used: a context per image,
+the PNG held in memory, the header, the decoded size, one decode into a buffer we own.
+The output is 8-bit RGB whatever the PNG holds, with no gamma, no transparency and no
+colour correction applied: what ``cv2.imdecode(..., IMREAD_COLOR)`` gives, channels in
+RGB order (``tests/test_spng.py`` holds the two to the same pixels for every colour type,
+bit depth and interlace a PNG may have). ``available()`` says whether libspng was found;
+without it caired decodes with OpenCV as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import threading
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+SPNG_FMT_RGB8: Final = 4  # enum spng_format
+SPNG_OK: Final = 0
+CHUNK_CACHE_LIMIT: Final = 4 * 1024 * 1024  # bytes of ancillary chunks (text, ICC profile, EXIF) held per image
+_U31: Final = 2**31 - 1  # the longest chunk PNG allows
+# The version whose exported functions were checked (pyspng 0.1.4 bundles libspng 0.7.x).
+MODULE: Final = "pyspng._pyspng_c"
+
+
+class _Ihdr(ctypes.Structure):
+    _fields_ = [
+        ("width", ctypes.c_uint32),
+        ("height", ctypes.c_uint32),
+        ("bit_depth", ctypes.c_uint8),
+        ("color_type", ctypes.c_uint8),
+        ("compression_method", ctypes.c_uint8),
+        ("filter_method", ctypes.c_uint8),
+        ("interlace_method", ctypes.c_uint8),
+    ]
+
+
+class SpngError(ValueError):
+    """libspng refused the PNG; the message is libspng's own."""
+
+
+_lock = threading.Lock()
+_lib: Any = None
+_loaded = False
+
+
+def _load() -> Any:
+    """libspng's functions from pyspng's extension module, typed; None when it is not installed."""
+    global _lib, _loaded
+    with _lock:
+        if _loaded:
+            return _lib
+        _loaded = True
+        spec = importlib.util.find_spec(MODULE)
+        if spec is None or spec.origin is None:
+            return None
+        try:
+            lib = ctypes.CDLL(spec.origin)  # CDLL, not PyDLL: each call releases the GIL
+            signatures: dict[str, tuple[Any, list[Any]]] = {
+                "spng_ctx_new": (ctypes.c_void_p, [ctypes.c_int]),
+                "spng_ctx_free": (None, [ctypes.c_void_p]),
+                "spng_set_png_buffer": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]),
+                "spng_set_chunk_limits": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]),
+                "spng_get_ihdr": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(_Ihdr)]),
+                "spng_decoded_image_size": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int,
+                                                           ctypes.POINTER(ctypes.c_size_t)]),
+                "spng_decode_image": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                     ctypes.c_int, ctypes.c_int]),
+                "spng_strerror": (ctypes.c_char_p, [ctypes.c_int]),
+            }
+            for name, (restype, argtypes) in signatures.items():
+                function = getattr(lib, name)
+                function.restype = restype
+                function.argtypes = argtypes
+        except (OSError, AttributeError):  # a pyspng whose module no longer exports libspng
+            return None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when libspng can be called (pyspng installed, exporting libspng's functions)."""
+    return _load() is not None
+
+
+def decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:
+    """The PNG ``data`` as an H x W x 3 array of 8-bit RGB; SpngError when libspng refuses it.
+
+    The caller checks the header and the pixel count first (``frames.check_png``); libspng
+    checks everything else (chunk CRCs, the zlib stream, lengths), as libpng would.
+    """
+    lib = _load()
+    if lib is None:
+        raise SpngError("libspng is not available (pip install pyspng)")
+    ctx = lib.spng_ctx_new(0)
+    if not ctx:
+        raise MemoryError("libspng could not make a context")
+    try:
+        # No chunk is longer than the file; what is kept aside (text, profiles, decompressed) is at
+        # most that, or CHUNK_CACHE_LIMIT (libspng wants the cache limit to hold one chunk).
+        chunk_limit = min(len(data), _U31)
+        _check(lib, lib.spng_set_chunk_limits(ctx, chunk_limit, max(chunk_limit, CHUNK_CACHE_LIMIT)))
+        _check(lib, lib.spng_set_png_buffer(ctx, data, len(data)))
+        ihdr = _Ihdr()
+        _check(lib, lib.spng_get_ihdr(ctx, ctypes.byref(ihdr)))
+        size = ctypes.c_size_t()
+        _check(lib, lib.spng_decoded_image_size(ctx, SPNG_FMT_RGB8, ctypes.byref(size)))
+        if size.value != ihdr.width * ihdr.height * 3:
+            raise SpngError(f"libspng reports {size.value} bytes for {ihdr.width}x{ihdr.height} RGB")
+        image = np.empty((ihdr.height, ihdr.width, 3), dtype=np.uint8)
+        _check(lib, lib.spng_decode_image(ctx, image.ctypes.data, size.value, SPNG_FMT_RGB8, 0))
+        return image
+    finally:
+        lib.spng_ctx_free(ctx)
+
+
+def _check(lib: Any, code: int) -> None:
+    if code != SPNG_OK:
+        message = lib.spng_strerror(code)
+        raise SpngError(message.decode("ascii", "replace") if message else f"libspng error {code}")
