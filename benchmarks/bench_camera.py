@@ -105,7 +105,9 @@ def peak_rss_mb(pid: int) -> float:
     return math.nan
 
 
-def run_case(port: int, video: Path, width: int, height: int, *, record: bool, seconds: float) -> dict[str, Any]:
+def run_case(port: int, video: Path, width: int, height: int, *, record: bool, seconds: float,
+             tree: Path | None = None) -> dict[str, Any]:
+    """One daemon run; ``tree``: the caired of that source tree instead (``--before``)."""
     with tempfile.TemporaryDirectory(prefix="caired-bench-camera-") as tmp:
         directory = Path(tmp)
         cfg = config(directory, port, video, width, height)
@@ -113,7 +115,8 @@ def run_case(port: int, video: Path, width: int, height: int, *, record: bool, s
         cmd = [sys.executable, str(HERE / "camera_daemon.py"), *([] if record else ["--no-record"]),
                "--config", str(cfg)]
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+            extra = {"PYTHONPATH": str(tree)} if tree is not None else {}
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(**extra))
             try:
                 time.sleep(WARMUP)
                 if proc.poll() is not None:
@@ -161,21 +164,25 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sizes", default="640x480,1280x720")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "caired-bench")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="also run the caired of this source tree, interleaved: before and after in one run")
     parser.add_argument("--out", type=Path, help="write every run and the medians as JSON")
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
     videos = {size: ensure_video(args.cache, *size) for size in sizes}
-    cases = [(size, record) for size in sizes for record in (True, False)]
+    trees: list[Path | None] = [None] if args.before is None else [None, args.before.resolve()]
+    cases = [(size, record, tree) for size in sizes for record in (True, False) for tree in trees]
     port = free_port()
     backend = start_backend(port, "websockets", 1)
     runs: dict[str, list[dict[str, Any]]] = {}
     try:
         for rep in range(args.repeat):
-            for (width, height), record in cases:
-                name = f"{width}x{height} recording {'on' if record else 'off'}"
-                result = run_case(port, videos[(width, height)], width, height, record=record, seconds=args.seconds)
+            for (width, height), record, tree in cases:
+                name = f"{'before ' if tree else ''}{width}x{height} recording {'on' if record else 'off'}"
+                result = run_case(port, videos[(width, height)], width, height, record=record, seconds=args.seconds,
+                                  tree=tree)
                 runs.setdefault(name, []).append(result)
-                print(f"[{rep + 1}/{args.repeat}] {name:<26} {result['cpu_pct']:5.1f}% of a core "
+                print(f"[{rep + 1}/{args.repeat}] {name:<33} {result['cpu_pct']:5.1f}% of a core "
                       f"{result['cpu_ms']:6.2f} CPU ms/frame {result['answers_fps']:5.1f} answers/s "
                       f"{result['rss_mb']:6.1f} MB", file=sys.stderr)
     finally:
@@ -185,11 +192,11 @@ def main() -> int:
                for name, results in runs.items()}
     print(f"\ncaired run, [camera] a video file at {FPS} fps, {os.cpu_count()} cores, medians of {args.repeat} runs "
           f"of {args.seconds:g} s; the websockets backend answering every frame")
-    head = f"{'case':<26}{'CPU %':>7}{'CPU ms/f':>9}{'captured/s':>11}{'answers/s':>10}{'dropped':>8}{'RSS MB':>8}"
+    head = f"{'case':<33}{'CPU %':>7}{'CPU ms/f':>9}{'captured/s':>11}{'answers/s':>10}{'dropped':>8}{'RSS MB':>8}"
     print(head)
     print("-" * len(head))
     for name, row in summary.items():
-        print(f"{name:<26}{row['cpu_pct']:>7.1f}{row['cpu_ms']:>9.2f}{row['captured_fps']:>11.1f}"
+        print(f"{name:<33}{row['cpu_pct']:>7.1f}{row['cpu_ms']:>9.2f}{row['captured_fps']:>11.1f}"
               f"{row['answers_fps']:>10.1f}{row['dropped']:>8.0f}{row['rss_mb']:>8.1f}")
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "medians": summary}, indent=2))

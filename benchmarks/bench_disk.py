@@ -81,7 +81,8 @@ def mount_volume(point: Path, size: str, scratch: Path) -> str:
 
 
 def pngs(root: Path) -> int:
-    return sum(1 for p in root.rglob("*.png"))
+    """Frame files under ``root``: camera sessions record ``.jpg`` frames, dropped folders ``.png``."""
+    return sum(1 for p in root.rglob("*") if p.suffix in (".png", ".jpg"))
 
 
 def main() -> int:

@@ -413,15 +413,21 @@ def decode_png(name: str, data: bytes) -> np.ndarray:
 
 def encode_image(image: np.ndarray, timestamp: str, quality: int, *, name: str = "") -> EncodedFrame:
     """A BGR image as a JPEG at ``quality``, base64."""
+    return EncodedFrame(timestamp, pybase64.b64encode(encode_jpeg(image, quality, name=name or timestamp)))
+
+
+def encode_jpeg(image: np.ndarray, quality: int, *, name: str) -> memoryview:
+    """A BGR image as JPEG bytes at ``quality`` (OpenCV's libjpeg-turbo); FrameError names ``name``."""
     import cv2
 
     try:
         ok, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     except Exception as exc:
-        raise FrameError(name or timestamp, f"JPEG encoding failed: {describe(exc)}") from None
+        raise FrameError(name, f"JPEG encoding failed: {describe(exc)}") from None
     if not ok:
-        raise FrameError(name or timestamp, "JPEG encoding failed")
-    return EncodedFrame(timestamp, pybase64.b64encode(buf.data))
+        raise FrameError(name, "JPEG encoding failed")
+    data: memoryview = buf.data
+    return data
 
 
 def encoder(fmt: Format, quality: int, folder: FrameFolder, limits: FrameLimits) -> Callable[[FrameRef], EncodedFrame]:

@@ -150,6 +150,15 @@ def write_frame(folder: Path, frame: CapturedFrame) -> None:
     fsops.write_bytes_atomic(folder / f"{frame.timestamp}.png", data.data)
 
 
+def write_encoded(folder: Path, timestamp: str, jpeg: bytes | memoryview) -> None:
+    """Write a frame already encoded as JPEG into ``folder`` as ``<timestamp>.jpg``, byte for byte; blocking.
+
+    The daemon's camera sessions record the JPEG they stream live, so the recording, streamed
+    later, sends exactly what the live session sent. Appears whole, as ``write_frame``'s PNGs.
+    """
+    fsops.write_bytes_atomic(folder / f"{timestamp}.jpg", jpeg)
+
+
 def _finish(recording: _Recording) -> Path | None:
     """Hand a spool session over to incoming/, or tidy up; returns where the frames are, None when there are none."""
     if recording.spool is None:

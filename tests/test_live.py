@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import statistics
@@ -12,6 +13,7 @@ import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from caired.commands.stream import stream_folder
 from caired.config import Config
 from caired.daemon import serve
 from caired.emulator.server import BackendOptions, BackendState, Faults, serve_backend
@@ -75,7 +77,7 @@ async def test_camera_sessions_stream_live_back_to_back(
     for result in results:
         folder = tmp_path / "spool" / "done" / result["session"]
         assert result["frames_recorded"] >= 5
-        assert list(folder.glob("*.png")) == []  # camera.keep_frames = false: kept only until delivered
+        assert list(folder.glob("*.jpg")) == []  # camera.keep_frames = false: kept only until delivered
         assert result["frames_sent"] + result["frames_dropped_live"] == result["frames_recorded"]
     camera_answers = [e for e in logs if e["event"] == "response" and e.get("source") == "camera"]
     assert camera_answers and {e["datapt_id"] for e in camera_answers} >= {r["datapt_id"] for r in results}
@@ -97,7 +99,7 @@ async def test_a_session_captured_while_the_backend_is_down_is_streamed_once_it_
         await wait_for(lambda: any(r["session"] == stored["session"] for r in done_results(spool)))
     result = next(r for r in done_results(spool) if r["session"] == stored["session"])
     folder = spool / "done" / result["session"]
-    assert result["frames_sent"] == len(list(folder.glob("*.png"))) == stored["frames"]
+    assert result["frames_sent"] == len(list(folder.glob("*.jpg"))) == stored["frames"]
     assert result["datapt_id"] == stored["datapt_id"]
     assert result["attempts"] >= 2  # the live attempt, then the stored folder's
     streamed = [s for s in state.finished_sessions() if s.datapt_id == result["datapt_id"]]
@@ -117,4 +119,28 @@ async def test_a_slow_backend_makes_the_live_stream_drop_frames_but_the_recordin
     assert result["frames_dropped_live"] > 0
     assert result["frames_sent"] + result["frames_dropped_live"] == result["frames_recorded"]
     folder = tmp_path / "spool" / "done" / result["session"]
-    assert len(list(folder.glob("*.png"))) == result["frames_recorded"]
+    assert len(list(folder.glob("*.jpg"))) == result["frames_recorded"]
+
+
+async def test_the_recording_is_the_jpeg_streamed_live_and_streams_later_byte_for_byte(
+    backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    state = await backend()
+    cfg = camera_config(state.port, tmp_path, CAIRED_STREAM_JPEG_QUALITY="70", CAIRED_CAMERA_KEEP_FRAMES="true")
+    await start_daemon(nursery, cfg)
+    await wait_for(lambda: len(done_results(tmp_path / "spool")) >= 1)
+    result = done_results(tmp_path / "spool")[0]
+    folder = tmp_path / "spool" / "done" / result["session"]
+    assert list(folder.glob("*.png")) == []
+    on_disk = {p.name[: -len(".jpg")]: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.jpg")}
+    [live] = [s for s in state.finished_sessions() if s.datapt_id == result["datapt_id"]]
+    sent_live = [(f.timestamp, f.digest) for f in live.frames]
+    assert len(sent_live) == result["frames_sent"] >= 5
+    assert all(on_disk[stamp] == digest for stamp, digest in sent_live)  # the very bytes, not a re-encode
+
+    later_id = "0b0e1c5e-3f3c-4a8e-9d55-1a2b3c4d5e6f"
+    await stream_folder(make_config(state.port, FPS="0"), folder, datapt_id=later_id)
+    [later] = [s for s in state.finished_sessions() if s.datapt_id == later_id]
+    assert [(f.timestamp, f.digest) for f in later.frames] == sorted(on_disk.items(), key=lambda i: float(i[0]))
+    live_digests = dict(sent_live)
+    assert all(live_digests[f.timestamp] == f.digest for f in later.frames if f.timestamp in live_digests)

@@ -420,10 +420,10 @@ async def test_below_the_floor_the_camera_streams_live_unrecorded_and_records_ag
 async def test_a_full_disk_stops_a_recording_once_and_the_live_stream_goes_on(
     backend: BackendFactory, tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_space(folder: Path, frame: Any) -> None:
+    def no_space(folder: Path, timestamp: str, jpeg: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("caired.live.write_frame", no_space)
+    monkeypatch.setattr("caired.live.write_encoded", no_space)
     state = await backend()
     video = write_video(tmp_path / "camera.avi", frames=40)
     cfg = make_config(state.port, CAIRED_SPOOL_DIR=str(tmp_path / "spool"), CAIRED_STREAM_FPS="0",
