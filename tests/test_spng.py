@@ -143,33 +143,33 @@ def test_a_damaged_png_is_that_frames_error(damage: str) -> None:
 
 
 def test_the_gil_is_let_go_while_libspng_decodes() -> None:
-    """A thread counting in Python keeps counting while another decodes (pyspng.load would stop it)."""
-    rng = np.random.default_rng(7)
-    ok, buf = cv2.imencode(".png", rng.integers(0, 256, (1500, 1500, 3), dtype=np.uint8))
-    assert ok
-    data = buf.tobytes()
+    """The main thread runs while another thread is inside a decode (pyspng.load would stop it there)."""
+    yy, xx = np.mgrid[0:3000, 0:3000]
+    image = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1)
+    data = make_png(image.astype(np.uint32), 2, 8)  # 27 MB of pixels, one IDAT chunk: tens of ms a decode
+    inside = False
     done = threading.Event()
-    decodes = 0
 
     def decode() -> None:
-        nonlocal decodes
-        while not done.is_set():
+        nonlocal inside
+        for _ in range(3):
+            inside = True
             spng.decode_rgb(data)
-            decodes += 1
+            inside = False
+        done.set()
 
     spng.decode_rgb(data)  # loaded and warm
-    counted = 0
+    seen_inside = 0
     worker = threading.Thread(target=decode)
     worker.start()
     try:
-        while decodes < 3:
-            counted += 1
-            time.sleep(0)
+        while not done.is_set():
+            seen_inside += inside
+            time.sleep(0)  # a turn for the other thread between bytecodes, not a wait
     finally:
-        done.set()
         worker.join()
-    # With the GIL held through each decode, this loop would get a turn only between decodes.
-    assert counted > 100 * decodes
+    # With the GIL held through each decode, this loop could see ``inside`` at most once per decode.
+    assert seen_inside > 30
 
 
 def test_a_text_chunk_that_inflates_to_512_mib_is_refused_without_the_memory() -> None:
@@ -204,3 +204,20 @@ def test_without_libspng_opencv_decodes_the_same_frame(monkeypatch: pytest.Monke
     monkeypatch.setattr(spng, "decode_rgb", lambda _data: pytest.fail("libspng used"))
     monkeypatch.setattr(spng, "available", lambda: False)
     assert np.array_equal(frames.decode_png("f.png", data), with_libspng)
+
+
+@pytest.mark.parametrize("kind", [b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tEXt", b"gAMA"])
+def test_a_bad_crc_refuses_a_critical_chunk_and_is_ignored_on_an_ancillary_one_as_opencv_does(kind: bytes) -> None:
+    extra = chunk(b"tEXt", b"Comment\0hello") + chunk(b"gAMA", struct.pack(">I", 45455))
+    data = make_png(samples_for(3, 8, 9, 11, seed=2), 3, 8, extra=extra)
+    at = data.index(kind) - 4
+    (length,) = struct.unpack_from(">I", data, at)
+    crc_at = at + 8 + length
+    bad = data[:crc_at] + bytes([data[crc_at] ^ 0x01]) + data[crc_at + 1 :]
+    opencv = cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR)
+    if kind[0] & 0x20 or kind == b"IEND":  # ancillary, or after the image data: libpng only warns
+        assert np.array_equal(frames.decode_png("f.png", bad), opencv)
+    else:
+        assert opencv is None
+        with pytest.raises(spng.SpngError, match=f"CRC mismatch in the {kind.decode()} chunk"):
+            spng.decode_rgb(bad)
