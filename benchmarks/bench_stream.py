@@ -329,6 +329,10 @@ def table(summary: dict[str, dict[str, float]], limit: float) -> str:
         ours, base = summary.get(f"caired {fmt}"), summary.get(f"notebook {fmt}")
         if ours and base:
             lines.append(f"{fmt}: caired uses {ours['rss_mb'] / base['rss_mb']:.2f}x the notebook's peak RSS")
+        before = summary.get(f"before {fmt}")
+        if ours and before:
+            lines.append(f"{fmt}: CPU per frame {ours['cpu_ms'] / before['cpu_ms']:.2f}x before's, "
+                         f"frames/s {ours['fps'] / before['fps']:.2f}x before's")
     return "\n".join(lines)
 
 
@@ -353,8 +357,10 @@ def main() -> int:
                         help="the websockets backend answers every Nth frame (default 1: every frame)")
     args = parser.parse_args()
     cases = args.only or list(CASES)
-    if args.before is not None:
-        cases += [case for case in BEFORE if case not in cases]
+    if args.before is not None and not args.only:
+        cases += BEFORE
+    if any(case.startswith("before") for case in cases) and args.before is None:
+        parser.error("the 'before' cases need --before DIR")
     if args.notebook_fps is None:
         args.notebook_fps = float(args.frames)
     if any(case.startswith("notebook") for case in cases) and not 0 < args.notebook_fps * 0.5 < args.frames:
