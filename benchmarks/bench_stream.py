@@ -294,7 +294,7 @@ def percentile(ordered: list[float], q: float) -> float:
 # ---------------------------------------------------------------- report
 
 CASES = ("caired jpeg", "caired raw", "caired jpeg 30fps", "notebook jpeg", "notebook raw")
-BEFORE = ("before jpeg", "before raw")  # with --before DIR: that tree's caired, in the same run
+BEFORE = ("before jpeg", "before raw", "before jpeg 30fps")  # with --before DIR: that tree's caired, in the same run
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float]:

@@ -12,6 +12,7 @@ Only what libspng's public API (``spng.h``, 0.7) promises is used: a context per
 the PNG held in memory, the header, the decoded size, one decode into a buffer we own.
 Chunk CRCs are checked here with zlib's CRC-32 before libspng sees the file (its own is
 table-driven and was a quarter of its decode time): 5.5 -> 3.7 CPU ms per 640x480 frame.
+The GIL is let go once per frame, for the decode, as OpenCV does.
 The output is 8-bit RGB whatever the PNG holds, with no gamma, no transparency and no
 colour correction applied: what ``cv2.imdecode(..., IMREAD_COLOR)`` gives, channels in
 RGB order (``tests/test_spng.py`` holds the two to the same pixels for every colour type,
@@ -21,11 +22,12 @@ without it caired decodes with OpenCV as before.
 
 from __future__ import annotations
 
+import binascii
 import ctypes
 import importlib.util
 import struct
 import threading
-import zlib
+import types
 from typing import Any, Final
 
 import numpy as np
@@ -75,7 +77,10 @@ def _load() -> Any:
         if spec is None or spec.origin is None:
             return None
         try:
-            lib = ctypes.CDLL(spec.origin)  # CDLL, not PyDLL: each call releases the GIL
+            # Only the decode itself lets go of the GIL (CDLL): the other calls take microseconds,
+            # and each hand-over of the GIL costs more than that when every core is busy (PyDLL).
+            releasing, holding = ctypes.CDLL(spec.origin), ctypes.PyDLL(spec.origin)
+            lib = types.SimpleNamespace()
             signatures: dict[str, tuple[Any, list[Any]]] = {
                 "spng_ctx_new": (ctypes.c_void_p, [ctypes.c_int]),
                 "spng_ctx_free": (None, [ctypes.c_void_p]),
@@ -90,9 +95,10 @@ def _load() -> Any:
                 "spng_strerror": (ctypes.c_char_p, [ctypes.c_int]),
             }
             for name, (restype, argtypes) in signatures.items():
-                function = getattr(lib, name)
+                function = getattr(releasing if name == "spng_decode_image" else holding, name)
                 function.restype = restype
                 function.argtypes = argtypes
+                setattr(lib, name, function)
         except (OSError, AttributeError):  # a pyspng whose module no longer exports libspng
             return None
         _lib = lib
@@ -140,8 +146,9 @@ def decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:
 def check_crcs(data: bytes) -> None:
     """Refuse a PNG whose critical chunks up to its image data (IHDR, PLTE, IDAT) fail their CRC, as libpng does.
 
-    zlib's CRC-32 (vectorised, the GIL let go for long chunks) over each chunk; libspng's own
-    table-driven one cost ~0.9 ms of a 640x480 frame, this ~0.2. A damaged ancillary chunk is
+    zlib's CRC-32 over each chunk, through binascii, which keeps the GIL (zlib.crc32 lets go of
+    it for every chunk over 5 KB, and OpenCV writes 8 KB chunks: 70 hand-overs per frame);
+    libspng's own table-driven one cost ~0.9 ms of a 640x480 frame, this ~0.2. A damaged ancillary chunk is
     no error (libpng drops it; caired's decode never uses one). A chunk cut short is left for
     libspng to report.
     """
@@ -152,7 +159,7 @@ def check_crcs(data: bytes) -> None:
         end = at + 8 + length
         if end + 4 > len(data):
             return
-        if not kind[0] & 0x20 and zlib.crc32(view[at + 4 : end]) != _CRC.unpack_from(data, end)[0]:
+        if not kind[0] & 0x20 and binascii.crc32(view[at + 4 : end]) != _CRC.unpack_from(data, end)[0]:
             raise SpngError(f"CRC mismatch in the {kind.decode('ascii', 'backslashreplace')} chunk")
         if kind == b"IDAT" and data[end + 8 : end + 12] != b"IDAT":
             return  # the image data ends here; libpng only warns about a bad IEND
