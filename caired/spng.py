@@ -17,7 +17,7 @@ The output is 8-bit RGB whatever the PNG holds, with no gamma, no transparency a
 colour correction applied: what ``cv2.imdecode(..., IMREAD_COLOR)`` gives, channels in
 RGB order (``tests/test_spng.py`` holds the two to the same pixels for every colour type,
 bit depth and interlace a PNG may have). ``available()`` says whether libspng was found;
-without it caired decodes with OpenCV as before.
+without it (pyspng is the optional extra ``caired[png]``) caired decodes with OpenCV.
 """
 
 from __future__ import annotations
