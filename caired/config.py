@@ -302,7 +302,7 @@ class CameraConfig:
     )
     keep_frames: bool = attrs.field(
         default=False,
-        metadata=_meta("keep the PNGs of camera sessions once delivered (false keeps result.json only)"),
+        metadata=_meta("keep the frames of camera sessions once delivered (false keeps result.json only)"),
     )
 
 
