@@ -44,7 +44,11 @@ def start_backend(port: int) -> subprocess.Popen[bytes]:
     measures caired, not the emulator); returns once it listens."""
     cmd = [sys.executable, "-m", "caired", "backend", "--host", "127.0.0.1", "--port", str(port),
            "--no-estimate", "--no-validate", "--log-format", "json", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=clean_env())
+    return wait_listening(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=clean_env()), port)
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int) -> subprocess.Popen[bytes]:
+    """``proc`` once something listens on 127.0.0.1:port; SystemExit if it dies or takes 20 s."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:

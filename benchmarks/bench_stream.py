@@ -37,6 +37,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from _daemon import clean_env, wait_listening
 
 HERE = Path(__file__).resolve().parent
 WIDTH, HEIGHT = 640, 480
@@ -129,32 +130,13 @@ def start_backend(port: int, kind: str, answer_every: int) -> subprocess.Popen[b
     else:
         cmd = [sys.executable, "-m", "caired", "backend", "--host", "127.0.0.1", "--port", str(port),
                "--no-estimate", "--no-validate", "--log-format", "json", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=clean_env())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("the backend did not start") from None
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("the backend did not start listening")
+    return wait_listening(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=clean_env()), port)
 
 
 def cpu_seconds(pid: int) -> float:
     """A running process's user + system CPU so far (Linux: /proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRED_")}
-    for name in ("BACKEND_WS_BASE", "API_KEY", "IMAGES_DIR", "FPS", "FRAME_FORMAT", "JPEG_QUALITY"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
 
 
 # A child's ru_maxrss starts from the RSS high-water mark of the process that spawned it
