@@ -36,7 +36,8 @@ def _clips(bpm: float) -> dict[str, Clip]:
     """One rendered clip at ``bpm``, each frame sent through both codecs and back through frame_rgb."""
     times: list[float] = []
     colours: dict[str, list[RGB]] = {fmt: [] for fmt in FORMATS}
-    for stem, image in render_frames(bpm=bpm, seconds=SECONDS, fps=FPS, width=320, height=240, seed=SEED, start=START):
+    # 160x120: fewer pixels average less noise, so no easier than 320x240 (errors within 0.4 bpm of its), 4x faster.
+    for stem, image in render_frames(bpm=bpm, seconds=SECONDS, fps=FPS, width=160, height=120, seed=SEED, start=START):
         times.append(float(stem))
         for fmt in FORMATS:
             rgb = frame_rgb(_encode(image, fmt))
