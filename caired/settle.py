@@ -31,6 +31,11 @@ folder streamed half-way; such writers must use ``mv`` or ``.ready``. The memory
 looks is lost on restart, which only removes the extra evidence, never the mtime/ctime rule.
 On network filesystems the times come from the server's clock.
 
+``Readiness`` keeps what the looks learn across scans of ``incoming/``: a folder found ready
+(its mtime then at least ``_TRUSTED_AGE`` old) whose inode and own mtime are unchanged is
+ready again without being opened, so a backlog of thousands of waiting folders costs a
+listing and an ``lstat`` each, not a look into each.
+
 A look reads one folder (one ``scandir`` of its descriptor, ``fstatat`` per entry), never
 deeper, so a dropped tree of any depth costs what its top level costs.
 """
@@ -44,8 +49,19 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
+import structlog
+
+from caired import fsops
+from caired.claim import check_name
+from caired.fsops import GONE, shown
+
+log = structlog.get_logger()
 
 READY_MARKER: Final = ".ready"
+HOLD_MARKER: Final = ".caired-hold"  # an operator's hold (caired hold): the folder is never claimed
+# A ready folder's verdict is kept only once its mtime is this old: file times tick coarsely
+# (a few ms), so a change in the same tick as the look would leave the mtime as it was.
+_TRUSTED_AGE: Final = 1.0
 _MASK: Final = (1 << 64) - 1
 
 @attrs.define
@@ -112,3 +128,110 @@ class Settler:
 
     def __len__(self) -> int:
         return len(self._looks)
+
+
+@attrs.frozen
+class Scan:
+    """One look at incoming/: the folders ready to claim, oldest first, and the seconds until
+    the next one still settling may be ready (None when none is settling)."""
+
+    ready: list[str]
+    settle_in: float | None
+    waiting: int = 0  # folders present but not ready
+    held: int = 0  # folders an operator holds (HOLD_MARKER)
+    folders: int = 0  # folders present, ready or not
+
+
+class Readiness:
+    """Which folders of incoming/ are complete, scan after scan; what it remembers is bounded
+    by the folders present at the last scan. Thread-safe."""
+
+    def __init__(self, settle_seconds: float, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._settler = Settler(settle_seconds, clock)
+        self._lock = threading.Lock()
+        self._verdicts: dict[str, tuple[int, int]] = {}  # ready folders: (inode, mtime_ns) then
+        self._ignored: set[str] = set()  # names already logged as not folders, unreadable...
+
+    @property
+    def settle_seconds(self) -> float:
+        return self._settler.settle_seconds
+
+    def remembered(self) -> tuple[int, int]:
+        """How many folders it remembers: as ready, and as settling."""
+        with self._lock:
+            return len(self._verdicts), len(self._settler)
+
+    def look(self, incoming: int, entries: Iterable[os.DirEntry[str]]) -> Scan:
+        """Look at the listing ``entries`` of incoming/ (open as ``incoming``).
+
+        A folder not yet ready (or held) is looked into every time. ``forget`` (the periodic
+        rescan) makes the next look open every folder again: a change inside a ready folder
+        that leaves the folder's own mtime alone (a file rewritten in place) is seen there.
+        """
+        now = self._clock()
+        found: list[tuple[float, str]] = []
+        waits: list[float] = []
+        held = folders = 0
+        present: set[str] = set()
+        with self._lock:
+            verdicts = dict(self._verdicts)
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            present.add(name)
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    self._ignore_once(name, "not a folder")
+                    continue
+                folders += 1
+                seen = verdicts.get(name)
+                if seen is not None:
+                    st = entry.stat(follow_symlinks=False)
+                    if (st.st_ino, st.st_mtime_ns) == seen:
+                        found.append((st.st_mtime, name))
+                        continue
+                    del verdicts[name]
+                check_name(name)
+                with fsops.opened_dir(name, dir_fd=incoming) as folder:
+                    st = os.fstat(folder)  # before the look: a change during it makes the next scan look again
+                    if fsops.lexists(folder, HOLD_MARKER):  # held: never remembered as ready
+                        held += 1
+                        continue
+                    wait = self._settler.wait(folder, name, now)
+                if wait > 0:
+                    waits.append(wait)
+                else:
+                    found.append((st.st_mtime, name))
+                    if now - st.st_mtime >= _TRUSTED_AGE:
+                        verdicts[name] = (st.st_ino, st.st_mtime_ns)
+            except ValueError:
+                self._ignore_once(name, "its name is longer than the filesystem allows")
+            except OSError as exc:
+                verdicts.pop(name, None)
+                if exc.errno in GONE:  # claimed by another process while we looked
+                    continue
+                if isinstance(exc, PermissionError):
+                    self._ignore_once(name, "cannot be read by caired (permission denied)")
+                else:
+                    self._ignore_once(name, f"cannot be read: {exc.strerror or exc}")
+        self._settler.forget_all_but(present)
+        with self._lock:
+            self._ignored &= present
+            self._verdicts = {name: key for name, key in verdicts.items() if name in present}
+        found.sort()
+        return Scan([name for _, name in found], min(waits) if waits else None, waiting=len(waits), held=held,
+                    folders=folders)
+
+    def forget(self) -> None:
+        """Make the next look open every folder again."""
+        with self._lock:
+            self._verdicts = {}
+
+    def _ignore_once(self, name: str, reason: str) -> None:
+        with self._lock:
+            if name in self._ignored:
+                return
+            self._ignored.add(name)
+        log.info("incoming_ignored", name=shown(name), reason=reason)

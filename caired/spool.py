@@ -137,7 +137,9 @@ from caired.claim import validate_session as validate_session
 from caired.config import SpoolConfig
 from caired.errors import LocksRefused, SpoolError
 from caired.fsops import GONE, shown
-from caired.settle import READY_MARKER, Settler
+from caired.settle import HOLD_MARKER as HOLD_MARKER
+from caired.settle import READY_MARKER, Readiness
+from caired.settle import Scan as Scan
 
 log = structlog.get_logger()
 
@@ -148,7 +150,6 @@ PREVIOUS_RESULT_FILE: Final = "result.previous.json"
 INVALID_SESSION_FILE: Final = ".caired-session.invalid.json"
 LOCK_FILE: Final = ".caired-lock"  # its OFD lock says which process owns the folder
 INVALID_LOCK_FILE: Final = ".caired-lock.invalid"
-HOLD_MARKER: Final = ".caired-hold"  # an operator's hold (caired hold): the folder is never claimed
 FOLDERS: Final = ("incoming", "active", "done", "failed", "tmp")
 MOUNTINFO: Final = Path("/proc/self/mountinfo")
 
@@ -167,9 +168,6 @@ _LOCKS_REFUSED_ADVICE: Final = (
 _LOCAL_ONLY_LOCKS: Final = frozenset({"nolock", "local_lock=posix", "local_lock=all"})  # NFS options
 # What keep_frames = false deletes and what queue counts: frames, and a video (a session's frames too).
 FRAME_SUFFIXES: Final = (".png", ".jpg", ".jpeg", ".avi", ".mp4", ".mkv", ".mov")
-# A ready folder's verdict is kept only once its mtime is this old: file times tick coarsely
-# (a few ms), so a change in the same tick as the look would leave the mtime as it was.
-_TRUSTED_AGE: Final = 1.0
 
 
 def check_shared_locks(root: Path, mountinfo: Path = MOUNTINFO) -> None:
@@ -251,17 +249,6 @@ def usage(dir_fd: int) -> int:
     return total
 
 
-@attrs.frozen
-class Scan:
-    """One look at incoming/: the folders ready to claim, oldest first, and the seconds until
-    the next one still settling may be ready (None when none is settling)."""
-
-    ready: list[str]
-    settle_in: float | None
-    waiting: int = 0  # folders present but not ready
-    held: int = 0  # folders an operator holds (HOLD_MARKER)
-
-
 class Spool:
     """The spool folders of one process. Methods block on the filesystem: call them in a thread.
 
@@ -288,13 +275,11 @@ class Spool:
         self.keep_camera_frames = keep_camera_frames
         self.max_crashes = max_crashes
         self._clock = clock
-        self._settler = Settler(settle_seconds, clock)
+        self._readiness = Readiness(settle_seconds, clock)
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self._ignored: set[str] = set()
         self._held: set[tuple[int, int]] = set()  # inodes of this process's claims
         self._unrecovered: dict[str, str] = {}  # folders of active/ recover() could not move: why
-        self._verdicts: dict[str, tuple[int, int]] = {}  # ready folders of incoming/: (inode, mtime_ns) then
         self._tally = Tally()
 
     @classmethod
@@ -304,7 +289,7 @@ class Spool:
 
     @property
     def settle_seconds(self) -> float:
-        return self._settler.settle_seconds
+        return self._readiness.settle_seconds
 
     def __repr__(self) -> str:
         return f"Spool({str(self.root)!r})"
@@ -402,23 +387,7 @@ class Spool:
     # -- incoming/ -------------------------------------------------------------------------------
 
     def scan(self) -> Scan:
-        """Look at incoming/ once: which folders are complete, and when to look again.
-
-        A folder this process found ready before (its mtime then at least a second old) and
-        whose inode and own mtime are the same is ready again without being opened (one
-        ``lstat`` per name, from the listing): a backlog of thousands of waiting folders
-        costs a listing, not a look into each. A folder not yet ready (or held) is looked
-        into every time. ``forget_readiness`` (the periodic
-        rescan) makes the next scan look into every folder again: a change inside a ready
-        folder that leaves the folder's own mtime alone (a file rewritten in place) is seen
-        there. The verdicts kept are those of the names present at the last scan.
-        """
-        now = self._clock()
-        found: list[tuple[float, str]] = []
-        waits: list[float] = []
-        held = 0
-        present: set[str] = set()
-        folders = 0
+        """Look at incoming/ once: which folders are complete, and when to look again (``settle.Readiness``)."""
         try:
             incoming = self._dir("incoming")
             entries = list(os.scandir(incoming))
@@ -426,67 +395,14 @@ class Spool:
             raise _spool_error(
                 "read", self.incoming, exc, "check that the spool exists (caired run creates it)"
             ) from exc
+        scan = self._readiness.look(incoming, entries)
         with self._lock:
-            verdicts = dict(self._verdicts)
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            present.add(name)
-            try:
-                if not entry.is_dir(follow_symlinks=False):
-                    self._ignore_once(name, "not a folder")
-                    continue
-                folders += 1
-                seen = verdicts.get(name)
-                if seen is not None:
-                    st = entry.stat(follow_symlinks=False)
-                    if (st.st_ino, st.st_mtime_ns) == seen:
-                        found.append((st.st_mtime, name))
-                        continue
-                    del verdicts[name]
-                check_name(name)
-                with fsops.opened_dir(name, dir_fd=incoming) as folder:
-                    st = os.fstat(folder)  # before the look: a change during it makes the next scan look again
-                    if fsops.lexists(folder, HOLD_MARKER):  # held: never remembered as ready
-                        held += 1
-                        continue
-                    wait = self._settler.wait(folder, name, now)
-                if wait > 0:
-                    waits.append(wait)
-                else:
-                    found.append((st.st_mtime, name))
-                    if now - st.st_mtime >= _TRUSTED_AGE:
-                        verdicts[name] = (st.st_ino, st.st_mtime_ns)
-            except ValueError:
-                self._ignore_once(name, "its name is longer than the filesystem allows")
-            except OSError as exc:
-                verdicts.pop(name, None)
-                if exc.errno in GONE:  # claimed by another process while we looked
-                    continue
-                if isinstance(exc, PermissionError):
-                    self._ignore_once(name, "cannot be read by caired (permission denied)")
-                else:
-                    self._ignore_once(name, f"cannot be read: {exc.strerror or exc}")
-        self._settler.forget_all_but(present)
-        with self._lock:
-            self._ignored &= present
-            self._verdicts = {name: key for name, key in verdicts.items() if name in present}
-            self._tally.incoming = folders
-        found.sort()
-        return Scan([name for _, name in found], min(waits) if waits else None, waiting=len(waits), held=held)
+            self._tally.incoming = scan.folders
+        return scan
 
     def forget_readiness(self) -> None:
         """Make the next scan look into every folder of incoming/ again (the periodic rescan)."""
-        with self._lock:
-            self._verdicts = {}
-
-    def _ignore_once(self, name: str, reason: str) -> None:
-        with self._lock:
-            if name in self._ignored:
-                return
-            self._ignored.add(name)
-        log.info("incoming_ignored", name=shown(name), reason=reason)
+        self._readiness.forget()
 
     # -- claiming --------------------------------------------------------------------------------
 

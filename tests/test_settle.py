@@ -112,14 +112,14 @@ def test_what_a_scan_remembers_is_bounded_by_the_folders_present(spool: Spool, c
     make_folder(spool.incoming / "settling")
     clock.advance(2)
     spool.scan()
-    assert len(spool._verdicts) == 20 and len(spool._settler) == 1
+    assert spool._readiness.remembered() == (20, 1)
     for i in range(20):
         claim = spool.claim(f"f{i}")
         assert claim is not None
         spool.finish(claim, {"hr": 60.0})
     os.rename(spool.incoming / "settling", spool.tmp / "settling")
     spool.scan()
-    assert len(spool._verdicts) == 0 and len(spool._settler) == 0
+    assert spool._readiness.remembered() == (0, 0)
 
 
 def test_a_cached_name_another_daemon_claimed_is_a_lost_race(spool: Spool, clock: FakeClock) -> None:
@@ -132,7 +132,7 @@ def test_a_cached_name_another_daemon_claimed_is_a_lost_race(spool: Spool, clock
     assert taken is not None
     assert spool.claim("shared") is None  # no error: the other daemon was first
     assert spool.scan().ready == []
-    assert spool._verdicts == {}
+    assert spool._readiness.remembered() == (0, 0)
     other.finish(taken, {"hr": 61.0})
 
 
