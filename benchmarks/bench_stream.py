@@ -2,16 +2,17 @@
 
     python benchmarks/bench_stream.py [--frames 1000] [--repeat 3] [--out results.json]
 
-It generates webcam-like 640x480 PNG frames once (cached), starts the local backend
-(``caired backend --no-estimate --no-validate``) in its own process, then runs each
+It generates webcam-like 640x480 PNG frames once (cached), starts a backend in its own
+process (``ws_backend.py``, a plain ``websockets`` server answering every frame; or with
+``--backend caired``, ``caired backend --no-estimate --no-validate``), then runs each
 client as its own process, one after another, ``--repeat`` times, and prints the
 medians:
 
 - caired unpaced jpeg and raw, caired paced at 30 fps (send times recorded for the
   jitter), and the notebook client jpeg and raw as fast as it goes (a high FPS: it
   has no unpaced mode);
-- the machine's limit: PNG decode + JPEG q90 encode of the same frames on every core
-  in this process, no network.
+- the limit of caired's pipeline: PNG decode (caired's own decoder) + JPEG q90 encode
+  of the same frames on every core in this process, no network.
 
 frames/s is taken over the streaming part (connection open to the close after
 ``finished``); wall is the whole process, start to exit. CPU and peak RSS come from
@@ -96,7 +97,9 @@ def frame_paths(directory: Path) -> list[Path]:
 
 
 def _decode_encode(path: Path) -> int:
-    image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    from caired import png
+
+    image = png.decode_bgr(path.read_bytes())  # caired's own decoder: the limit of its pipeline
     _, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), QUALITY])
     return len(buf)
 

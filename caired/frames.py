@@ -10,8 +10,8 @@ an oversized or unreadable file, or a header that lies: each becomes that frame'
 FrameError, and so does any exception a decoder or encoder raises. Nothing a file holds
 leaves the pipeline as anything else.
 
-The per-frame functions are pure and thread-safe: PNG decoding (libspng through ctypes,
-or OpenCV), JPEG encoding and base64 run in worker threads, all with the GIL released,
+The per-frame functions are pure and thread-safe: PNG decoding (``caired.png``: ISA-L and
+numpy, libspng or OpenCV), JPEG encoding and base64 run in worker threads, all with the GIL released,
 so both cores work while the event loop only sends. Raw mode never decodes an image: it checks the PNG
 header and trailer and sends the file's bytes untouched.
 """
@@ -38,7 +38,7 @@ import numpy as np
 import pybase64
 import trio
 
-from caired import fsops, spng
+from caired import fsops, png
 from caired._trio import open_nursery
 from caired.config import StreamConfig
 from caired.errors import FrameError, NoFramesError
@@ -394,17 +394,10 @@ def read_jpeg(ref: FrameRef, folder: FrameFolder, quality: int, limits: FrameLim
 def decode_png(name: str, data: bytes) -> np.ndarray:
     """A PNG whose header was checked, as 8-bit BGR: what ``cv2.imdecode(data, IMREAD_COLOR)`` gives.
 
-    libspng (``caired.spng``) when pyspng is installed (``pip install 'caired[png]'``): the
-    same pixels, ~25-30% less CPU than OpenCV's libpng for the decode alone (~10% in a busy
-    worker pool), the GIL let go meanwhile; OpenCV otherwise.
+    ``caired.png`` chooses the decoder: ISA-L and numpy for what OpenCV writes, libspng or OpenCV for the rest.
     """
-    import cv2
-
     try:
-        if spng.available():
-            image = spng.decode_rgb(data)
-            return cv2.cvtColor(image, cv2.COLOR_RGB2BGR, dst=image)  # in place: 0.05 ms
-        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        decoded = png.decode_bgr(data)
     except Exception as exc:  # SpngError, cv2.error, MemoryError: this frame's problem, not the session's
         raise FrameError(name, f"cannot be decoded: {describe(exc)}") from None
     if decoded is None:

@@ -21,7 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from caired import fsops, spng
+from caired import fsops, png, spng
 from caired.config import DECODER_PIXEL_LIMIT
 from caired.errors import FrameError, NoFramesError
 from caired.frames import (
@@ -65,8 +65,8 @@ def read(directory: Path, name: str, *, max_bytes: int = LIMITS.max_bytes, follo
 
 @pytest.fixture
 def no_decoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Both decoders (libspng, cv2.imdecode) replaced by a call counter that decodes nothing: proves a frame
-    was refused before it."""
+    """Every decoder (the common path, libspng, cv2.imdecode) replaced by a call counter that decodes nothing:
+    proves a frame was refused before it."""
     calls: list[int] = []
 
     def imdecode(*args: object) -> None:
@@ -77,8 +77,12 @@ def no_decoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         calls.append(1)
         raise spng.SpngError("counted")
 
+    def decode_common(*args: object) -> None:
+        calls.append(1)
+
     monkeypatch.setattr(cv2, "imdecode", imdecode)
     monkeypatch.setattr(spng, "decode_rgb", decode_rgb)
+    monkeypatch.setattr(png, "decode_common", decode_common)
     yield calls
 
 
@@ -351,16 +355,21 @@ def test_png_size_reads_what_opencv_writes() -> None:
         assert check_png("x", buf.tobytes(), width * height) == (width, height)
 
 
-@pytest.mark.parametrize("libspng", [True, False], ids=["libspng", "opencv"])
+@pytest.mark.parametrize("decoder", ["common", "libspng", "opencv"])
 @pytest.mark.parametrize("error", [cv2.error("codec gave up"), MemoryError(), ValueError("odd")])
 def test_any_exception_from_the_decoder_is_that_frames_error(
-    frames: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, error: Exception, libspng: bool
+    frames: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, error: Exception, decoder: str
 ) -> None:
     def decode(*args: object) -> None:
         raise error
 
-    monkeypatch.setattr(spng, "available", lambda: libspng)
-    monkeypatch.setattr(spng if libspng else cv2, "decode_rgb" if libspng else "imdecode", decode)
+    if decoder == "common":
+        monkeypatch.setattr(png, "decode_common", decode)
+    else:
+        monkeypatch.setattr(png, "decode_common", lambda data: None)  # as for a PNG it does not take
+        monkeypatch.setattr(spng, "available", lambda: decoder == "libspng")
+        monkeypatch.setattr(spng if decoder == "libspng" else cv2, "decode_rgb" if decoder == "libspng" else "imdecode",
+                            decode)
     with FrameFolder.open(frames(1)) as folder:
         [ref] = folder.list().frames
         with pytest.raises(FrameError, match=f"cannot be decoded: {type(error).__name__}"):

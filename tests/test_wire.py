@@ -18,7 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto import frame_protocol as fp
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-from caired import spng, wire
+from caired import png, spng, wire
 from caired.commands.stream import stream_folder
 from caired.emulator import masker
 from caired.frames import list_frames
@@ -93,6 +93,7 @@ async def test_raw_stream_never_decodes_an_image(
     monkeypatch.setattr(cv2, "imdecode", refuse)
     monkeypatch.setattr(cv2, "imencode", refuse)
     monkeypatch.setattr(spng, "decode_rgb", refuse)
+    monkeypatch.setattr(png, "decode_common", refuse)
     await stream_folder(make_config(state.port, FRAME_FORMAT="raw", FPS="0"), directory)
     session = state.sessions[0]
     assert session.finished

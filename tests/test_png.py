@@ -1,0 +1,177 @@
+"""caired.png: the common-case decoder gives OpenCV's pixels, takes what OpenCV writes, and hands on the rest."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+import zlib
+from unittest.mock import patch
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from caired import frames, png
+
+CHANNELS = {0: 1, 2: 3, 6: 4}
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+
+def filtered_rows(pixels: np.ndarray, filters: list[int]) -> bytes:
+    """Scanlines of 8-bit ``pixels`` (H x W x channels), row y filtered with ``filters[y]``, as the PNG spec says."""
+    height, width, bpp = pixels.shape
+    rows = pixels.reshape(height, width * bpp).astype(np.int64)
+    out = bytearray()
+    for y, kind in enumerate(filters):
+        row, above = rows[y], rows[y - 1] if y else np.zeros_like(rows[y])
+        line = bytearray([kind])
+        for i in range(len(row)):
+            a = int(row[i - bpp]) if i >= bpp else 0
+            b, c = int(above[i]), int(above[i - bpp]) if i >= bpp else 0
+            predictor = [0, a, b, (a + b) // 2, _paeth(a, b, c)][kind]
+            line.append((int(row[i]) - predictor) % 256)
+        out += line
+    return bytes(out)
+
+
+def make_png(pixels: np.ndarray, colour: int, filters: list[int], *, idat: bytes | None = None,
+             before_idat: bytes = b"", after_idat: bytes = b"", depth: int = 8, interlace: int = 0,
+             end: bool = True) -> bytes:
+    height, width = pixels.shape[:2]
+    head = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace))
+    data = idat if idat is not None else zlib.compress(filtered_rows(pixels, filters), 6)
+    body = SIGNATURE + head + before_idat + chunk(b"IDAT", data) + after_idat
+    return body + chunk(b"IEND", b"") if end else body
+
+
+def opencv(data: bytes) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    return image
+
+
+def pixels_for(colour: int, height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, CHANNELS[colour]), dtype=np.uint8)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(sorted(CHANNELS)), st.integers(1, 40), st.integers(1, 40), st.data())
+def test_rows_filtered_with_none_or_sub_decode_here_as_opencv_decodes_them(colour: int, height: int, width: int,
+                                                                            data: st.DataObject) -> None:
+    filters = data.draw(st.lists(st.sampled_from([0, 1]), min_size=height, max_size=height))
+    image = make_png(pixels_for(colour, height, width, seed=height * 41 + width), colour, filters)
+    block_bytes = data.draw(st.sampled_from([1, 100, png._BLOCK_BYTES]), label="rows unfiltered together, in bytes")
+    with patch.object(png, "_BLOCK_BYTES", block_bytes):
+        decoded = png.decode_common(image)
+    assert decoded is not None
+    assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
+    assert np.array_equal(decoded, opencv(image))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(CHANNELS)), st.integers(1, 24), st.integers(1, 24), st.data())
+def test_any_other_filter_is_handed_on_and_still_decodes_as_opencv_does(colour: int, height: int, width: int,
+                                                                       data: st.DataObject) -> None:
+    filters = data.draw(st.lists(st.integers(0, 4), min_size=height, max_size=height))
+    image = make_png(pixels_for(colour, height, width, seed=height * 13 + width), colour, filters)
+    assert (png.decode_common(image) is None) == (max(filters) > 1)
+    assert np.array_equal(frames.decode_png("f.png", image), opencv(image))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_what_opencv_writes_takes_the_common_path(channels: int) -> None:
+    """OpenCV's PNG writer filters every row with Sub: a frame it wrote is never handed on."""
+    rng = np.random.default_rng(channels)
+    image = np.clip(rng.normal(120, 30, (480, 640, channels)), 0, 255).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    decoded = png.decode_common(buf.tobytes())
+    assert decoded is not None
+    assert np.array_equal(decoded, opencv(buf.tobytes()))
+
+
+def _damaged(kind: str) -> bytes:
+    pixels = pixels_for(2, 12, 9, seed=5)
+    rows = filtered_rows(pixels, [1] * 12)
+    good = make_png(pixels, 2, [1] * 12)
+    at = good.index(b"IDAT")
+    text = chunk(b"tEXt", b"k\0v")
+    match kind:
+        case "idat crc":  # the data intact, its stored CRC one bit off
+            crc_at = at + 4 + struct.unpack(">I", good[at - 4 : at])[0]
+            return good[:crc_at] + bytes([good[crc_at] ^ 1]) + good[crc_at + 1 :]
+        case "short stream":
+            return make_png(pixels, 2, [1] * 12, idat=zlib.compress(rows[:-1]))
+        case "long stream":
+            return make_png(pixels, 2, [1] * 12, idat=zlib.compress(rows + b"\0"))
+        case "data after the stream":
+            return make_png(pixels, 2, [1] * 12, idat=zlib.compress(rows) + b"junk")
+        case "stream cut short":
+            return make_png(pixels, 2, [1] * 12, idat=zlib.compress(rows)[:-9])
+        case "not zlib":
+            return make_png(pixels, 2, [1] * 12, idat=bytes(64))
+        case "two runs of IDAT":
+            compressed = zlib.compress(rows)
+            second = text + chunk(b"IDAT", compressed[20:])
+            return make_png(pixels, 2, [1] * 12, idat=compressed[:20], after_idat=second)
+        case "unknown critical chunk":
+            return make_png(pixels, 2, [1] * 12, before_idat=chunk(b"ABCD", b"x"))
+        case "palette in grey":
+            return make_png(pixels[..., :1], 0, [1] * 12, before_idat=chunk(b"PLTE", bytes(6)))
+        case "no IEND":
+            return make_png(pixels, 2, [1] * 12, end=False)
+        case "16-bit":
+            return make_png(pixels, 2, [1] * 12, depth=16)
+        case "interlaced":
+            return make_png(pixels, 2, [1] * 12, interlace=1)
+        case "palette":
+            return make_png(pixels[..., :1], 3, [1] * 12, before_idat=chunk(b"PLTE", bytes(768)))
+        case "IHDR crc":
+            return good[:29] + bytes([good[29] ^ 1]) + good[30:]
+        case "filter method 1":
+            head = bytearray(good[8:33])
+            head[-6] = 1  # IHDR's filter method byte
+            return good[:8] + chunk(b"IHDR", bytes(head[8:-4])) + good[33:]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["idat crc", "short stream", "long stream", "data after the stream",
+                                  "stream cut short", "not zlib", "two runs of IDAT", "unknown critical chunk",
+                                  "palette in grey", "no IEND", "16-bit", "interlaced", "palette",
+                                  "IHDR crc", "filter method 1"])
+def test_a_png_not_taken_exactly_as_written_is_handed_on(kind: str) -> None:
+    assert png.decode_common(_damaged(kind)) is None
+
+
+def test_ancillary_chunks_and_a_palette_in_rgb_are_ignored_as_opencv_ignores_them() -> None:
+    pixels = pixels_for(2, 10, 10, seed=9)
+    extra = chunk(b"gAMA", struct.pack(">I", 45455)) + chunk(b"PLTE", bytes(range(12)))
+    image = make_png(pixels, 2, [1] * 10, before_idat=extra, after_idat=chunk(b"tEXt", b"k\0v"))
+    decoded = png.decode_common(image)
+    assert decoded is not None
+    assert np.array_equal(decoded, opencv(image))
+
+
+def test_image_data_that_inflates_without_end_is_cut_off_at_the_image_size() -> None:
+    """A 1x1 frame whose IDAT inflates to 256 MiB: the decoder stops one byte past 4, holding no more."""
+    bomb = zlib.compress(bytes(256 * 1024 * 1024), 9)
+    image = make_png(np.zeros((1, 1, 3), np.uint8), 2, [0], idat=bomb)
+    tracemalloc.start()
+    try:
+        assert png.decode_common(image) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024
