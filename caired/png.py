@@ -74,13 +74,15 @@ def decode_common(data: bytes) -> np.ndarray | None:
     bpp = _BYTES_PER_PIXEL[colour]
     stride = 1 + width * bpp
     raw = _inflate_exactly(compressed, stride * height)
+    del compressed  # each frame's buffers are let go as soon as they are used: 3 workers hold them at once
     if raw is None:
         return None
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)
-    filters = rows[:, 0]
+    filters = rows[:, 0].copy()
     if int(filters.max()) > _SUB:
         return None
     pixels = _undo_sub(rows[:, 1:], bpp, filters)
+    del rows, raw
     return _to_bgr(pixels.reshape(height, width, bpp), colour)
 
 
