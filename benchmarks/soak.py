@@ -46,7 +46,8 @@ def main() -> int:
     parser.add_argument("--dir", default=None, help="where the spool is made (default $TMPDIR)")
     parser.add_argument("--out", default=None, help="write the samples as JSON here")
     parser.add_argument("--tolerance", type=float, default=0.10)
-    parser.add_argument("--parts", type=int, default=10, help="the run's parts whose medians judge the rate")
+    parser.add_argument("--parts", type=int, default=10,
+                        help="the run's parts whose medians judge the rate (fewer when there are fewer samples)")
     parser.add_argument("--report", default=None, metavar="JSON",
                         help="judge the samples an earlier run wrote with --out, and run nothing")
     args = parser.parse_args()
@@ -54,7 +55,8 @@ def main() -> int:
         saved = json.loads(Path(args.report).read_text())
         verdicts = judge(saved["samples"], args.tolerance, args.parts)
         report(verdicts)
-        return 0 if all(verdicts[key]["flat"] for key in REQUIRED) else 1
+        print(f"  errors logged: {len(saved.get('errors', []))} (at most 20 kept)")
+        return 0 if all(verdicts[key]["flat"] for key in REQUIRED) and not saved.get("errors") else 1
 
     base = workdir(args.dir, "caired-soak")
     frames = template_frames(base / "templates")

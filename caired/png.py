@@ -7,15 +7,16 @@ Three decoders, tried in turn:
    to use the Sub filter), so every frame ``caired record`` and ``caired synth`` made and
    what most capture scripts made. Its image data is inflated by ISA-L (the ``isal``
    package: 1.5 CPU ms for a 640x480 webcam frame against zlib's 3.1; libspng's whole
-   decode is 3.5) and the Sub filter is undone in numpy by a prefix sum that doubles its
+   decode is 3.6-3.8) and the Sub filter is undone in numpy by a prefix sum that doubles its
    reach each pass (log2 of the row's length vectorised adds: 0.8 ms).
 2. libspng (``caired.spng``), when pyspng is installed: any other PNG.
 3. OpenCV otherwise.
 
 The first never refuses a frame: a PNG it does not take exactly as written (another filter
-or format, a chunk CRC that fails, an unknown critical chunk, a zlib stream that is
-damaged, short, long, or followed by more data) goes whole to the next decoder, which
-decides as it always has. ISA-L and numpy let go of the GIL while they work.
+or format, a critical chunk's CRC that fails, a chunk it does not know or one OpenCV acts on
+such as eXIf's orientation, a side or a chunk over libpng's limits, a zlib window libpng
+would refuse, a zlib stream that is damaged, short, long, or followed by more data) goes
+whole to the next decoder, which decides as it always has. ISA-L and numpy let go of the GIL while they work.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ _BYTES_PER_PIXEL: Final = {_GREY: 1, _RGB: 3, _RGBA: 4}
 _NONE, _SUB = 0, 1
 _INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stub declares an instance
 _BLOCK_BYTES: Final = 256 * 1024  # rows unfiltered together, in the cache (see _undo_sub)
+_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+# What libpng (OpenCV's decoder) refuses or acts on, and this decoder therefore hands on:
+_MAX_SIDE: Final = 1_000_000  # libpng's user limit on width and height
+_MAX_PIXELS: Final = 1 << 28  # config.DECODER_PIXEL_LIMIT: frames are held to less before any decoder sees them
+_MAX_ANCILLARY_BYTES: Final = 8_000_000  # libpng's limit on a chunk it keeps in memory
+_MAX_CHUNKS: Final = 10_000  # OpenCV writes 8 KB IDAT chunks: a 32 MB frame has 4,000
+# Ancillary chunks whose presence leaves OpenCV's IMREAD_COLOR pixels as they are (each checked against it).
+# Others may change them (eXIf turns the image; acTL/fcTL of an APNG are checked, and can fail it).
+_CRITICAL: Final = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
+_INERT: Final = frozenset({b"tEXt", b"zTXt", b"iTXt", b"gAMA", b"sRGB", b"iCCP", b"cHRM", b"sBIT", b"bKGD",
+                           b"tRNS", b"pHYs", b"tIME"})
 
 
 def decode_bgr(data: bytes) -> np.ndarray | None:
@@ -53,7 +65,7 @@ def decode_bgr(data: bytes) -> np.ndarray | None:
     image = decode_common(data)
     if image is not None:
         return image
-    if spng.available():
+    if spng.available() and _libspng_agrees(data):
         rgb = spng.decode_rgb(data)
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR, dst=rgb)  # in place: 0.05 ms
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -61,12 +73,12 @@ def decode_bgr(data: bytes) -> np.ndarray | None:
 
 def decode_common(data: bytes) -> np.ndarray | None:
     """The BGR pixels of a PNG in the common case (see the module's docstring); None for any other PNG."""
-    if len(data) < _FIRST_CHUNK:
+    if len(data) < _FIRST_CHUNK or not data.startswith(_SIGNATURE):
         return None
     length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(data)
     if (length, kind, depth, compression, filtering, interlace) != (13, b"IHDR", 8, 0, 0, 0) \
-            or colour not in _BYTES_PER_PIXEL or not 0 < width < 2**31 or not 0 < height < 2**31 \
-            or isal_zlib.crc32(memoryview(data)[12:29]) != crc:
+            or colour not in _BYTES_PER_PIXEL or not 0 < width <= _MAX_SIDE or not 0 < height <= _MAX_SIDE \
+            or width * height > _MAX_PIXELS or isal_zlib.crc32(memoryview(data)[12:29]) != crc:
         return None
     compressed = _image_data(data, palette_allowed=colour != _GREY)
     if compressed is None:
@@ -86,6 +98,27 @@ def decode_common(data: bytes) -> np.ndarray | None:
     return _to_bgr(pixels.reshape(height, width, bpp), colour)
 
 
+def _libspng_agrees(data: bytes) -> bool:
+    """Whether libspng gives OpenCV's pixels for this PNG: no chunk OpenCV acts on or refuses (eXIf's
+    orientation, an APNG's frame control, a name or size past libpng's limits), no side over libpng's."""
+    if len(data) < _FIRST_CHUNK:
+        return False
+    width, height = _IHDR.unpack_from(data)[2:4]
+    if not 0 < width <= _MAX_SIDE or not 0 < height <= _MAX_SIDE:
+        return False
+    at = _FIRST_CHUNK
+    for _ in range(_MAX_CHUNKS):
+        if at + 8 > len(data):
+            return True  # cut short: libspng reports it
+        length, kind = _CHUNK_HEAD.unpack_from(data, at)
+        if kind == b"IEND":
+            return True
+        if kind not in _CRITICAL and (kind not in _INERT or length > _MAX_ANCILLARY_BYTES):
+            return False
+        at += 12 + length
+    return False
+
+
 def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
     """The IDAT chunks' contents joined, their CRCs checked; None for anything libpng might see otherwise.
 
@@ -96,7 +129,9 @@ def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
     parts: list[memoryview] = []
     at = _FIRST_CHUNK
     previous = b"IHDR"
-    while at + 12 <= len(data):
+    for _ in range(_MAX_CHUNKS):
+        if at + 12 > len(data):
+            return None  # no IEND: a cut-off file is for the other decoders to judge
         length, kind = _CHUNK_HEAD.unpack_from(data, at)
         end = at + 8 + length
         if end + 4 > len(data):
@@ -106,17 +141,18 @@ def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
         if kind == b"IDAT":
             if parts and previous != b"IDAT":
                 return None  # image data in two runs: an error to libpng
-            parts.append(view[at + 8 : end])
+            if length:
+                parts.append(view[at + 8 : end])
         elif kind == b"PLTE":
             if not palette_allowed or parts:
                 return None
-        elif not kind[0] & 0x20:
-            return None  # a critical chunk this decoder does not know
+        elif kind not in _INERT or length > _MAX_ANCILLARY_BYTES:
+            return None  # a critical chunk this decoder does not know, or one OpenCV may act on or refuse
         if not kind[0] & 0x20 and isal_zlib.crc32(view[at + 4 : end]) != _CRC.unpack_from(data, end)[0]:
             return None  # libspng or OpenCV reports the damage
         previous = kind
         at = end + 4
-    return None  # no IEND: a cut-off file is for the other decoders to judge
+    return None  # more chunks than a frame has
 
 
 def _inflate_exactly(compressed: bytes, size: int) -> bytes | None:
@@ -124,6 +160,11 @@ def _inflate_exactly(compressed: bytes, size: int) -> bytes | None:
 
     At most ``size + 1`` bytes are ever made, whatever the stream says: a zlib bomb stops there.
     """
+    if len(compressed) < 2 or compressed[0] & 0x0F != 8:
+        return None  # not deflate: libpng refuses it
+    window = 1 << ((compressed[0] >> 4) + 8)
+    if window > 32768 or window < min(size, 32768):
+        return None  # zlib refuses a window over 32 KB, and back-references past a smaller one; ISA-L takes both
     inflater = isal_zlib.decompressobj()
     try:
         raw = inflater.decompress(compressed, size + 1)

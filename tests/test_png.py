@@ -140,6 +140,31 @@ def _damaged(kind: str) -> bytes:
             return make_png(pixels[..., :1], 3, [1] * 12, before_idat=chunk(b"PLTE", bytes(768)))
         case "IHDR crc":
             return good[:29] + bytes([good[29] ^ 1]) + good[30:]
+        case "eXIf":  # OpenCV turns the image by its orientation: not inert
+            exif = b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x03\0\0\0\0\0\0"
+            return make_png(pixels, 2, [1] * 12, before_idat=chunk(b"eXIf", exif))
+        case "acTL":
+            return make_png(pixels, 2, [1] * 12, before_idat=chunk(b"acTL", bytes(8)))
+        case "a chunk name libpng refuses":
+            return make_png(pixels, 2, [1] * 12, before_idat=chunk(b"a1b2", b"x"))
+        case "text over libpng's limit":
+            return make_png(pixels, 2, [1] * 12, before_idat=chunk(b"tEXt", b"k\0" + bytes(8_000_000)))
+        case "zlib window over 32 KB":
+            stream = zlib.compress(rows)
+            return make_png(pixels, 2, [1] * 12, idat=bytes([0x88]) + bytes([(31 - (0x88 * 256) % 31) % 31])
+                            + stream[2:])
+        case "zlib window smaller than the image":
+            packer = zlib.compressobj(6, zlib.DEFLATED, 9)  # a 512-byte window
+            big = pixels_for(2, 40, 40, seed=6)
+            return make_png(big, 2, [1] * 40, idat=packer.compress(filtered_rows(big, [1] * 40)) + packer.flush())
+        case "wider than libpng allows":
+            head = bytearray(good[8:33])
+            head[8:12] = struct.pack(">I", 1_000_001)
+            return good[:8] + chunk(b"IHDR", bytes(head[8:-4])) + good[33:]
+        case "not a PNG signature":
+            return b"\x89PNG\r\n\x1a\x00" + good[8:]
+        case "more chunks than a frame has":
+            return make_png(pixels, 2, [1] * 12, before_idat=chunk(b"tEXt", b"k\0v") * 10_001)
         case "filter method 1":
             head = bytearray(good[8:33])
             head[-6] = 1  # IHDR's filter method byte
@@ -150,9 +175,21 @@ def _damaged(kind: str) -> bytes:
 @pytest.mark.parametrize("kind", ["idat crc", "short stream", "long stream", "data after the stream",
                                   "stream cut short", "not zlib", "two runs of IDAT", "unknown critical chunk",
                                   "palette in grey", "no IEND", "16-bit", "interlaced", "palette",
-                                  "IHDR crc", "filter method 1"])
+                                  "IHDR crc", "filter method 1", "eXIf", "acTL", "a chunk name libpng refuses",
+                                  "text over libpng's limit", "zlib window over 32 KB",
+                                  "zlib window smaller than the image", "wider than libpng allows",
+                                  "not a PNG signature", "more chunks than a frame has"])
 def test_a_png_not_taken_exactly_as_written_is_handed_on(kind: str) -> None:
     assert png.decode_common(_damaged(kind)) is None
+
+
+def test_a_turned_frame_decodes_turned_as_opencv_turns_it() -> None:
+    pixels = pixels_for(2, 4, 5, seed=8)
+    exif = b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0"  # orientation 6
+    image = make_png(pixels, 2, [1] * 4, before_idat=chunk(b"eXIf", exif))
+    assert png.decode_common(image) is None
+    assert np.array_equal(frames.decode_png("f.png", image), opencv(image))
+    assert opencv(image).shape == (5, 4, 3)
 
 
 def test_ancillary_chunks_and_a_palette_in_rgb_are_ignored_as_opencv_ignores_them() -> None:
