@@ -29,6 +29,7 @@ import numpy as np
 from isal import isal_zlib
 
 from caired import spng
+from caired.config import DECODER_PIXEL_LIMIT  # frames are held to max_frame_pixels, less, before any decoder
 
 _IHDR: Final = struct.Struct(">8xI4sIIBBBBBI")  # signature, length, type, the 13 fields, CRC
 _CHUNK_HEAD: Final = struct.Struct(">I4s")
@@ -44,7 +45,6 @@ _BLOCK_BYTES: Final = 256 * 1024  # rows unfiltered together, in the cache (see 
 _SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 # What libpng (OpenCV's decoder) refuses or acts on, and this decoder therefore hands on:
 _MAX_SIDE: Final = 1_000_000  # libpng's user limit on width and height
-_MAX_PIXELS: Final = 1 << 28  # config.DECODER_PIXEL_LIMIT: frames are held to less before any decoder sees them
 _MAX_ANCILLARY_BYTES: Final = 8_000_000  # libpng's limit on a chunk it keeps in memory
 _MAX_CHUNKS: Final = 10_000  # OpenCV writes 8 KB IDAT chunks: a 32 MB frame has 4,000
 # Ancillary chunks whose presence leaves OpenCV's IMREAD_COLOR pixels as they are (each checked against it).
@@ -78,7 +78,7 @@ def decode_common(data: bytes) -> np.ndarray | None:
     length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(data)
     if (length, kind, depth, compression, filtering, interlace) != (13, b"IHDR", 8, 0, 0, 0) \
             or colour not in _BYTES_PER_PIXEL or not 0 < width <= _MAX_SIDE or not 0 < height <= _MAX_SIDE \
-            or width * height > _MAX_PIXELS or isal_zlib.crc32(memoryview(data)[12:29]) != crc:
+            or width * height > DECODER_PIXEL_LIMIT or isal_zlib.crc32(memoryview(data)[12:29]) != crc:
         return None
     compressed = _image_data(data, palette_allowed=colour != _GREY)
     if compressed is None:
