@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import trio
 from caired import logging as clog
 from caired.config import Config
 from caired.emulator.server import BackendOptions, BackendState, Faults, serve_backend
+from caired.spool import Spool
 
 SECRET_KEY = "s3cr3t-Key-0123456789abcdef"
 T0 = 1747154380.5511632
@@ -137,3 +139,30 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | Non
             capture_stderr=True,
             check=False,
         )
+
+
+class FakeClock:
+    """``time.time`` under the test's control (a Spool's clock); starts at the real time, since ctimes are real."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.now = time.time() + offset
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: FakeClock) -> Spool:
+    """A prepared spool on the test's clock, settling after 5 s (test_daemon, test_queue and
+    test_retention define their own)."""
+    s = Spool(tmp_path / "spool", settle_seconds=5.0, clock=clock)
+    s.prepare()
+    return s

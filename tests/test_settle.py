@@ -15,19 +15,8 @@ from caired import fsops
 from caired import spool as spool_module
 from caired.settle import READY_MARKER, Settler
 from caired.spool import Spool
-from tests.test_spool import FakeClock, drop, make_folder
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, clock: FakeClock) -> Spool:
-    s = Spool(tmp_path / "spool", settle_seconds=5.0, clock=clock)
-    s.prepare()
-    return s
+from tests.conftest import FakeClock
+from tests.test_spool import drop, make_folder
 
 
 @pytest.fixture

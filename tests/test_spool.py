@@ -34,19 +34,7 @@ from caired.spool import (
     Claim,
     Spool,
 )
-
-
-class FakeClock:
-    """``time.time`` under the test's control; starts at the real time, since ctimes are real."""
-
-    def __init__(self, offset: float = 0.0) -> None:
-        self.now = time.time() + offset
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 def make_folder(path: Path, frames: int = 3, *, old: float | None = None) -> Path:
@@ -60,18 +48,6 @@ def make_folder(path: Path, frames: int = 3, *, old: float | None = None) -> Pat
             os.utime(child, (then, then))
         os.utime(path, (then, then))
     return path
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def spool(tmp_path: Path, clock: FakeClock) -> Spool:
-    s = Spool(tmp_path / "spool", settle_seconds=5.0, clock=clock)
-    s.prepare()
-    return s
 
 
 def drop(spool: Spool, name: str, frames: int = 3) -> Path:
