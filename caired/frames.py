@@ -23,9 +23,7 @@ import itertools
 import os
 import re
 import stat
-import struct
 import warnings
-import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -43,15 +41,13 @@ from caired._trio import open_nursery
 from caired.config import StreamConfig
 from caired.errors import FrameError, NoFramesError
 from caired.fsops import shown
+from caired.png import IHDR_END as IHDR_END
+from caired.png import PNG_SIGNATURE as PNG_SIGNATURE
+from caired.png import PNG_TRAILER as PNG_TRAILER
+from caired.png import png_size as png_size
 
 FRAME_NAME: Final = re.compile(rb"^([0-9]+(?:\.[0-9]+)?)\.(?:png|jpe?g)\Z", re.IGNORECASE)
 JPEG_SUFFIXES: Final = (".jpg", ".jpeg")
-PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
-PNG_TRAILER: Final = b"IEND\xaeB`\x82"
-IHDR_END: Final = 33  # signature 8, length 4, type 4, IHDR data 13, CRC 4
-_IHDR: Final = struct.Struct(">8sI4sIIBBBBBI")
-_PNG_MAX_SIDE: Final = 2**31 - 1
-_BIT_DEPTHS: Final = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 _READ_MORE: Final = 1024 * 1024  # after a short first read (a file that grew), read on in pieces this big
 IGNORED_EXAMPLES: Final = 3  # names of ignored files shown in the log
 
@@ -261,36 +257,6 @@ def read_at(dir_fd: int, name: str | bytes, *, max_bytes: int, follow_symlinks: 
         raise FrameError(label, f"cannot be read: {exc.strerror or exc}") from None
 
 
-def png_size(head: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's first 33 bytes (signature and IHDR); ValueError says what is wrong.
-
-    Checks what libpng would refuse anyway, before it allocates anything: the signature,
-    a first chunk that is a 13-byte IHDR with a right CRC, sides of 1 to 2**31-1 pixels,
-    a bit depth allowed for the colour type, and known compression, filter and interlace
-    methods.
-    """
-    if not head:
-        raise ValueError("is empty")
-    if not head.startswith(PNG_SIGNATURE):
-        if PNG_SIGNATURE.startswith(head):
-            raise ValueError("truncated PNG (no IHDR header)")
-        raise ValueError("not a PNG file")
-    if len(head) < IHDR_END:
-        raise ValueError("truncated PNG (no IHDR header)")
-    _, length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(head)
-    if length != 13 or kind != b"IHDR":
-        raise ValueError("malformed PNG: the first chunk is not a 13-byte IHDR")
-    if zlib.crc32(head[12:29]) != crc:
-        raise ValueError("malformed PNG: the IHDR checksum is wrong")
-    if not (0 < width <= _PNG_MAX_SIDE and 0 < height <= _PNG_MAX_SIDE):
-        raise ValueError(f"malformed PNG: the header says {width}x{height} pixels")
-    if depth not in _BIT_DEPTHS.get(colour, ()):
-        raise ValueError(f"malformed PNG: bit depth {depth} with colour type {colour}")
-    if compression != 0 or filtering != 0 or interlace > 1:
-        raise ValueError("malformed PNG: unknown compression, filter or interlace method")
-    return width, height
-
-
 def check_png(name: str, data: bytes, max_pixels: int) -> tuple[int, int]:
     """The PNG's size, if its header is sound and it has at most ``max_pixels``; else its FrameError."""
     try:
@@ -301,14 +267,9 @@ def check_png(name: str, data: bytes, max_pixels: int) -> tuple[int, int]:
         raise FrameError(name, f"is {width}x{height} pixels, more than stream.max_frame_pixels ({max_pixels})")
     # Every chunk must fit in the file: a decoder reserves what a chunk's length says (an IDAT
     # claiming 2 GiB in a 100-byte file made OpenCV allocate 2.1 GiB).
-    offset = 8
-    while offset + 8 <= len(data):
-        (length,) = struct.unpack_from(">I", data, offset)
-        if offset + 12 + length > len(data):
-            raise FrameError(name, f"malformed PNG: a chunk of {length} bytes runs past the end of the file")
-        if data[offset + 4 : offset + 8] == b"IEND":
-            break
-        offset += 12 + length
+    for chunk in png.chunks(data, first=8):
+        if not chunk.whole:
+            raise FrameError(name, f"malformed PNG: a chunk of {chunk.length} bytes runs past the end of the file")
     return width, height
 
 

@@ -1,4 +1,9 @@
-"""PNG decoding: a frame's pixels as ``cv2.imdecode(data, IMREAD_COLOR)`` gives them, at the least CPU measured.
+"""PNG files: their header and chunks read without trusting them, and a frame's pixels as
+``cv2.imdecode(data, IMREAD_COLOR)`` gives them, at the least CPU measured.
+
+``read_header`` checks the signature and IHDR before any decoder allocates; ``chunks``
+walks the chunks without reading past the end (``frames.check_png`` holds every chunk to
+the file with it).
 
 Three decoders, tried in turn:
 
@@ -23,7 +28,8 @@ from __future__ import annotations
 
 import itertools
 import struct
-from typing import Final, cast
+from collections.abc import Iterator
+from typing import Final, NamedTuple, cast
 
 import numpy as np
 from isal import isal_zlib
@@ -31,10 +37,14 @@ from isal import isal_zlib
 from caired import spng
 from caired.config import DECODER_PIXEL_LIMIT  # frames are held to max_frame_pixels, less, before any decoder
 
+PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+PNG_TRAILER: Final = b"IEND\xaeB`\x82"
+IHDR_END: Final = 33  # signature 8, length 4, type 4, IHDR data 13, CRC 4: where the second chunk starts
 _IHDR: Final = struct.Struct(">8xI4sIIBBBBBI")  # signature, length, type, the 13 fields, CRC
 _CHUNK_HEAD: Final = struct.Struct(">I4s")
 _CRC: Final = struct.Struct(">I")
-_FIRST_CHUNK: Final = 33  # after the signature and IHDR
+_PNG_MAX_SIDE: Final = 2**31 - 1
+_BIT_DEPTHS: Final = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 # Colour types decode_common takes, at 8 bits: bytes per pixel, and the conversion OpenCV's
 # IMREAD_COLOR amounts to (grey repeated; RGBA's alpha dropped, not composited).
 _GREY, _RGB, _RGBA = 0, 2, 6
@@ -42,7 +52,6 @@ _BYTES_PER_PIXEL: Final = {_GREY: 1, _RGB: 3, _RGBA: 4}
 _NONE, _SUB = 0, 1
 _INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stub declares an instance
 _BLOCK_BYTES: Final = 256 * 1024  # rows unfiltered together, in the cache (see _undo_sub)
-_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 # What libpng (OpenCV's decoder) refuses or acts on, and this decoder therefore hands on:
 _MAX_SIDE: Final = 1_000_000  # libpng's user limit on width and height
 _MAX_ANCILLARY_BYTES: Final = 8_000_000  # libpng's limit on a chunk it keeps in memory
@@ -52,6 +61,73 @@ _MAX_CHUNKS: Final = 10_000  # OpenCV writes 8 KB IDAT chunks: a 32 MB frame has
 _CRITICAL: Final = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
 _INERT: Final = frozenset({b"tEXt", b"zTXt", b"iTXt", b"gAMA", b"sRGB", b"iCCP", b"cHRM", b"sBIT", b"bKGD",
                            b"tRNS", b"pHYs", b"tIME"})
+
+
+class Header(NamedTuple):
+    width: int
+    height: int
+    depth: int
+    colour: int
+    interlace: int
+
+
+class Chunk(NamedTuple):
+    kind: bytes
+    at: int  # where its length field starts
+    length: int
+    whole: bool  # its data and CRC lie within the file
+
+
+def read_header(head: bytes) -> Header:
+    """The IHDR of a PNG's first 33 bytes (signature and IHDR); ValueError says what is wrong.
+
+    Checks what libpng would refuse anyway, before it allocates anything: the signature,
+    a first chunk that is a 13-byte IHDR with a right CRC, sides of 1 to 2**31-1 pixels,
+    a bit depth allowed for the colour type, and known compression, filter and interlace
+    methods.
+    """
+    if not head:
+        raise ValueError("is empty")
+    if not head.startswith(PNG_SIGNATURE):
+        if PNG_SIGNATURE.startswith(head):
+            raise ValueError("truncated PNG (no IHDR header)")
+        raise ValueError("not a PNG file")
+    if len(head) < IHDR_END:
+        raise ValueError("truncated PNG (no IHDR header)")
+    length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(head)
+    if length != 13 or kind != b"IHDR":
+        raise ValueError("malformed PNG: the first chunk is not a 13-byte IHDR")
+    if isal_zlib.crc32(memoryview(head)[12:29]) != crc:
+        raise ValueError("malformed PNG: the IHDR checksum is wrong")
+    if not (0 < width <= _PNG_MAX_SIDE and 0 < height <= _PNG_MAX_SIDE):
+        raise ValueError(f"malformed PNG: the header says {width}x{height} pixels")
+    if depth not in _BIT_DEPTHS.get(colour, ()):
+        raise ValueError(f"malformed PNG: bit depth {depth} with colour type {colour}")
+    if compression != 0 or filtering != 0 or interlace > 1:
+        raise ValueError("malformed PNG: unknown compression, filter or interlace method")
+    return Header(width, height, depth, colour, interlace)
+
+
+def png_size(head: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's first 33 bytes; ValueError says what is wrong (``read_header``)."""
+    header = read_header(head)
+    return header.width, header.height
+
+
+def chunks(data: bytes, *, first: int = IHDR_END) -> Iterator[Chunk]:
+    """The chunks from offset ``first`` on whose 8-byte head lies in ``data``, in order, up to IEND.
+
+    The walk ends after IEND, or after the first chunk that is not whole (its length runs
+    past the end of ``data``); it never reads past the end.
+    """
+    at = first
+    while at + 8 <= len(data):
+        length, kind = _CHUNK_HEAD.unpack_from(data, at)
+        whole = at + 12 + length <= len(data)
+        yield Chunk(kind, at, length, whole)
+        if not whole or kind == b"IEND":
+            return
+        at += 12 + length
 
 
 def decode_bgr(data: bytes) -> np.ndarray | None:
@@ -73,12 +149,12 @@ def decode_bgr(data: bytes) -> np.ndarray | None:
 
 def decode_common(data: bytes) -> np.ndarray | None:
     """The BGR pixels of a PNG in the common case (see the module's docstring); None for any other PNG."""
-    if len(data) < _FIRST_CHUNK or not data.startswith(_SIGNATURE):
+    try:
+        width, height, depth, colour, interlace = read_header(data[:IHDR_END])
+    except ValueError:
         return None
-    length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(data)
-    if (length, kind, depth, compression, filtering, interlace) != (13, b"IHDR", 8, 0, 0, 0) \
-            or colour not in _BYTES_PER_PIXEL or not 0 < width <= _MAX_SIDE or not 0 < height <= _MAX_SIDE \
-            or width * height > DECODER_PIXEL_LIMIT or isal_zlib.crc32(memoryview(data)[12:29]) != crc:
+    if depth != 8 or colour not in _BYTES_PER_PIXEL or interlace != 0 or width > _MAX_SIDE or height > _MAX_SIDE \
+            or width * height > DECODER_PIXEL_LIMIT:
         return None
     compressed = _image_data(data, palette_allowed=colour != _GREY)
     if compressed is None:
@@ -101,22 +177,19 @@ def decode_common(data: bytes) -> np.ndarray | None:
 def _libspng_agrees(data: bytes) -> bool:
     """Whether libspng gives OpenCV's pixels for this PNG: no chunk OpenCV acts on or refuses (eXIf's
     orientation, an APNG's frame control, a name or size past libpng's limits), no side over libpng's."""
-    if len(data) < _FIRST_CHUNK:
+    if len(data) < IHDR_END:
         return False
     width, height = _IHDR.unpack_from(data)[2:4]
     if not 0 < width <= _MAX_SIDE or not 0 < height <= _MAX_SIDE:
         return False
-    at = _FIRST_CHUNK
-    for _ in range(_MAX_CHUNKS):
-        if at + 8 > len(data):
-            return True  # cut short: libspng reports it
-        length, kind = _CHUNK_HEAD.unpack_from(data, at)
-        if kind == b"IEND":
-            return True
-        if kind not in _CRITICAL and (kind not in _INERT or length > _MAX_ANCILLARY_BYTES):
+    for count, chunk in enumerate(chunks(data)):
+        if count == _MAX_CHUNKS:
             return False
-        at += 12 + length
-    return False
+        if chunk.kind == b"IEND":
+            return True
+        if chunk.kind not in _CRITICAL and (chunk.kind not in _INERT or chunk.length > _MAX_ANCILLARY_BYTES):
+            return False
+    return True  # cut short: libspng reports it
 
 
 def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
@@ -127,17 +200,13 @@ def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
     """
     view = memoryview(data)
     parts: list[memoryview] = []
-    at = _FIRST_CHUNK
     previous = b"IHDR"
-    for _ in range(_MAX_CHUNKS):
-        if at + 12 > len(data):
-            return None  # no IEND: a cut-off file is for the other decoders to judge
-        length, kind = _CHUNK_HEAD.unpack_from(data, at)
-        end = at + 8 + length
-        if end + 4 > len(data):
-            return None
+    for count, (kind, at, length, whole) in enumerate(chunks(data)):
+        if count == _MAX_CHUNKS or not whole:
+            return None  # more chunks than a frame has, or a cut-off file: for the other decoders to judge
         if kind == b"IEND":
             return b"".join(parts) if parts else None
+        end = at + 8 + length
         if kind == b"IDAT":
             if parts and previous != b"IDAT":
                 return None  # image data in two runs: an error to libpng
@@ -151,8 +220,7 @@ def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
         if not kind[0] & 0x20 and isal_zlib.crc32(view[at + 4 : end]) != _CRC.unpack_from(data, end)[0]:
             return None  # libspng or OpenCV reports the damage
         previous = kind
-        at = end + 4
-    return None  # more chunks than a frame has
+    return None  # no IEND
 
 
 def _inflate_exactly(compressed: bytes, size: int) -> bytes | None:
