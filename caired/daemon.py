@@ -89,7 +89,7 @@ async def serve(
         settings=Settings(cfg),
         spool=spool,
         gate=Gate(cfg.retry),
-        limiter=trio.CapacityLimiter(encode_workers()),
+        limiter=trio.CapacityLimiter(encode_workers(paced=cfg.stream.fps > 0)),  # stream.* needs a restart
         sessions=Sessions(),
         hold_back=functools.partial(ready.hold_back, seconds=spool_retry),
         disk=disk,

@@ -510,10 +510,14 @@ async def test_frames_from_an_async_source_are_not_held_back_to_fill_a_batch() -
 
 
 def test_encode_workers_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A container pinned to 1 CPU of 64 gets 2 workers, not 65."""
+    """A container pinned to 1 CPU of 64 gets 2 workers unpaced (one to fill a waiting one's gap), not 65;
+    paced, as many as its CPUs."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert encode_workers() == 2
+    assert encode_workers(paced=False) == 2
+    assert encode_workers(paced=True) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7})
+    assert (encode_workers(paced=False), encode_workers(paced=True)) == (4, 3)
 
 
 # --- fuzz: names, listings and headers from anywhere ----------------------------------------------------------

@@ -402,7 +402,7 @@ async def test_the_resource_limits_leave_four_times_what_the_daemon_uses(
     assert used.rss * 4 <= size_bytes(settings["MemoryMax"][0]), used
     assert used.threads * 4 <= int(settings["TasksMax"][0]), used
     # Threads may grow to trio's pool of 40 and one encoder more than the CPUs, all at once.
-    assert used.threads + 40 + encode_workers() <= int(settings["TasksMax"][0]), used
+    assert used.threads + 40 + encode_workers(paced=False) <= int(settings["TasksMax"][0]), used
     assert used.fds * 4 <= int(settings["LimitNOFILE"][0]), used
 
 

@@ -167,7 +167,7 @@ async def stream_folder(
 
     Returns what the daemon's result.json would hold, the reference HR included.
     """
-    limiter = trio.CapacityLimiter(encode_workers())
+    limiter = trio.CapacityLimiter(encode_workers(paced=cfg.stream.fps > 0))
     datapt_id = datapt_id or new_datapt_id()
     tally = tally if tally is not None else Tally()
     with structlog.contextvars.bound_contextvars(source="cli", session=shown(directory.name), datapt_id=datapt_id):
