@@ -89,7 +89,9 @@ async def serve(
         settings=Settings(cfg),
         spool=spool,
         gate=Gate(cfg.retry),
-        limiter=trio.CapacityLimiter(encode_workers(paced=cfg.stream.fps > 0)),  # stream.* needs a restart
+        # One limiter for every session, the camera's encoding and its fsyncing writes: a worker waiting on a
+        # file is common here, so it always gets the one worker more (encode_workers).
+        limiter=trio.CapacityLimiter(encode_workers(paced=False)),
         sessions=Sessions(),
         hold_back=functools.partial(ready.hold_back, seconds=spool_retry),
         disk=disk,

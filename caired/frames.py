@@ -11,7 +11,7 @@ FrameError, and so does any exception a decoder or encoder raises. Nothing a fil
 leaves the pipeline as anything else.
 
 The per-frame functions are pure and thread-safe: PNG decoding (``caired.png``: ISA-L and
-numpy, libspng or OpenCV), JPEG encoding and base64 run in worker threads, all with the GIL released,
+numpy, libspng or OpenCV), JPEG encoding and base64 run in worker threads, mostly with the GIL released,
 so both cores work while the event loop only sends. Raw mode never decodes an image: it checks the PNG
 header and trailer and sends the file's bytes untouched.
 """
@@ -64,13 +64,14 @@ RAW_BATCH: Final = 4
 
 def encode_workers(*, paced: bool) -> int:
     """Worker threads for encoding: as many as the CPUs this process may use, and one more
-    for streams that go as fast as they can (``paced`` False: fps 0).
+    unless ``paced`` (one paced stream alone: ``caired stream`` at fps > 0).
 
-    Unpaced, a worker waiting for the GIL or for a file leaves its CPU idle; the extra one
-    fills that gap (jpeg on 2 cores: ~418 -> ~435 frames/s, medians of 4, with OpenCV's
-    decoder). Paced, the workers only ever need to stay ahead of the clock, and each one
-    decoding holds a frame's buffers: at 30 fps on 2 cores, two workers instead of three
-    took 3.1 MB less peak RSS (74.6 against 77.7 MB) and no more CPU per frame.
+    A worker waiting for the GIL or for a file leaves its CPU idle; the extra one fills
+    that gap (jpeg unpaced on 2 cores: ~418 -> ~435 frames/s, medians of 4, with OpenCV's
+    decoder). One paced stream's workers only need to stay ahead of the clock, and each
+    one decoding holds a frame's buffers: at 30 fps on 2 cores, 1.0-3.1 MB less peak RSS
+    with two workers than with three (runs of one afternoon), and no more CPU per frame.
+    The daemon, whose workers also wait on fsync for the camera, always has the extra one.
     """
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -47,6 +47,28 @@ async def test_jpeg_session_passes_the_strict_backend(backend: BackendFactory, f
     assert state.sessions[0].advanced is True
 
 
+@pytest.mark.parametrize(("fps", "paced"), [("0", False), ("60", True)])
+async def test_a_paced_stream_takes_no_spare_encode_worker(backend: BackendFactory, frames: Callable[..., Path],
+                                                           monkeypatch: pytest.MonkeyPatch, fps: str,
+                                                           paced: bool) -> None:
+    """Unpaced, one worker more than the CPUs fills a waiting one's gap; paced, each one only holds buffers."""
+    from caired.commands import stream as stream_command
+    from caired.frames import encode_workers
+
+    asked: list[bool] = []
+
+    def recorded(*, paced: bool) -> int:
+        asked.append(paced)
+        return encode_workers(paced=paced)
+
+    monkeypatch.setattr(stream_command, "encode_workers", recorded)
+    directory = frames(3)
+    state = await backend()
+    await stream_folder(make_config(state.port, FPS=fps), directory)
+    assert_valid_session(state, directory)
+    assert asked == [paced]
+
+
 async def test_raw_frames_arrive_byte_identical(backend: BackendFactory, frames: Callable[..., Path]) -> None:
     directory = frames(15)
     state = await backend()
