@@ -30,8 +30,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The environment as the benchmark started: importing caired sets OpenCV variables in
+# os.environ (OPENCV_FOR_THREADS_NUM...), and a child measured as another program (the
+# code before a change, the notebook client) must not inherit them from this process.
+_STARTING_ENV: dict[str, str] = dict(os.environ)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRED_")}
+    env = {k: v for k, v in _STARTING_ENV.items() if not k.startswith("CAIRED_")}
     for name in ("BACKEND_WS_BASE", "API_KEY", "IMAGES_DIR", "FPS", "FRAME_FORMAT", "JPEG_QUALITY", "NOTIFY_SOCKET",
                  "WATCHDOG_USEC", "WATCHDOG_PID"):
         env.pop(name, None)
