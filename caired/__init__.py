@@ -13,5 +13,8 @@ _os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
 # caired runs OpenCV in its own worker threads, one frame each. OpenCV's own thread pool
 # would split each call (cvtColor, resize...) again across every core, and its idle
 # threads spin (sched_yield) waiting for the next call: streaming a folder as JPEG made
-# ~350 sched_yield calls per frame and cost ~0.3 CPU ms a frame more. One thread per call.
+# ~350 sched_yield calls per frame with it, ~13 without. One thread per call. OpenCV
+# reads this when it first makes its pool (the first call that would use it), not at
+# import: set here it holds for every caired command, whatever imported cv2 first; a
+# value already in the environment is kept. Child processes inherit it.
 _os.environ.setdefault("OPENCV_FOR_THREADS_NUM", "1")

@@ -21,7 +21,8 @@ The first never refuses a frame: a PNG it does not take exactly as written (anot
 or format, a critical chunk's CRC that fails, a chunk it does not know or one OpenCV acts on
 such as eXIf's orientation, a side or a chunk over libpng's limits, a zlib window libpng
 would refuse, a zlib stream that is damaged, short, long, or followed by more data) goes
-whole to the next decoder, which decides as it always has. ISA-L and numpy let go of the GIL while they work.
+whole to the next decoder, which decides as it always has. ISA-L's inflate and numpy's passes let go of the GIL
+while they work (each numpy pass, ~80 a frame, is a chance for another thread to take it); the chunk CRCs keep it.
 """
 
 from __future__ import annotations
@@ -227,12 +228,11 @@ def _image_data(data: bytes, *, palette_allowed: bool) -> bytes | None:
 def _crc32(data: memoryview) -> int:
     """The CRC-32 of ``data``, taken in ``_CRC_PIECE`` pieces, holding the GIL.
 
-    ISA-L's crc32 lets go of the GIL for more than 5 KB, and OpenCV writes 8 KB IDAT
-    chunks: a 640x480 frame's ~75 CRCs handed the GIL to another thread and back each
-    time (~60 futex calls a frame). In pieces it keeps it: 0.1 us a 4 KB piece.
+    ISA-L's crc32 lets go of the GIL for more than 5 KB (python-isal's isal_zlib.c: over
+    5 * 1024 bytes), and OpenCV writes 8 KB IDAT chunks: a 640x480 frame's ~75 CRCs handed
+    the GIL to another thread and back each time (~60 futex calls a frame). In pieces it
+    keeps it: ~0.15 us a 4 KB piece.
     """
-    if len(data) <= _CRC_PIECE:
-        return isal_zlib.crc32(data)
     crc = 0
     for at in range(0, len(data), _CRC_PIECE):
         crc = isal_zlib.crc32(data[at : at + _CRC_PIECE], crc)

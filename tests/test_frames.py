@@ -412,13 +412,13 @@ def test_opencv_refuses_huge_images_itself_as_a_second_line() -> None:
 
 def test_opencv_runs_each_call_on_one_thread_unless_told_otherwise() -> None:
     """caired's workers parallelise across frames; OpenCV's own pool (spinning between calls) is off."""
-    code = "import caired.frames, cv2\nprint(cv2.getNumThreads())\n"
+    code = "import os, cv2, caired.frames\nprint(os.environ['OPENCV_FOR_THREADS_NUM'], cv2.getNumThreads())\n"
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_FOR_THREADS_NUM"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
-    assert done.stdout.decode().split() == ["1"], done.stderr
+    assert done.stdout.decode().split() == ["1", "1"], done.stderr
     done = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           env={**env, "OPENCV_FOR_THREADS_NUM": "2"}, timeout=60)
-    assert done.stdout.decode().split() == ["2"], done.stderr
+    assert done.stdout.decode().split() == ["2", "2"], done.stderr
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------
