@@ -243,6 +243,9 @@ def run_caired(port: int, directory: Path, frames: int, *, fmt: str, fps: int, t
     result.update(_rates(frames, finished - started, result))
     if trace is not None:
         traced = json.loads(trace.read_text())
+        if len(traced["sends"]) < 2:
+            raise SystemExit(f"traced_stream.py recorded {len(traced['sends'])} sends: "
+                             "its hook no longer sees caired's messages")
         result.update(streaming_cpu(traced))
         if fps:
             result.update(jitter(traced, fps, started))
@@ -252,8 +255,6 @@ def run_caired(port: int, directory: Path, frames: int, *, fmt: str, fps: int, t
 def streaming_cpu(trace: dict[str, Any]) -> dict[str, float]:
     """CPU per frame between the first message and the last (every thread; start-up and exit left out)."""
     cpu = trace["cpu"]
-    if len(cpu) < 2:
-        raise SystemExit(f"traced_stream.py recorded {len(cpu)} sends: its hook no longer sees caired's messages")
     return {"stream_cpu_ms": 1000 * (cpu[-1] - cpu[0]) / (len(cpu) - 1)}
 
 
@@ -274,8 +275,6 @@ def _rates(frames: int, seconds: float, result: dict[str, Any]) -> dict[str, Any
 def jitter(trace: dict[str, Any], fps: int, started: float) -> dict[str, Any]:
     """Each message's deviation from t0 + i / fps (t0 = the first send), in ms."""
     sends = trace["sends"]
-    if len(sends) < 2:
-        raise SystemExit(f"traced_stream.py recorded {len(sends)} sends: its hook no longer sees caired's messages")
     t0 = sends[0]
     deviations = sorted(abs(t - (t0 + i / fps)) * 1000 for i, t in enumerate(sends))
     return {

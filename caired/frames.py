@@ -48,7 +48,6 @@ from caired.png import png_size as png_size
 
 FRAME_NAME: Final = re.compile(rb"^([0-9]+(?:\.[0-9]+)?)\.(?:png|jpe?g)\Z", re.IGNORECASE)
 JPEG_SUFFIXES: Final = (".jpg", ".jpeg")
-_READ_MORE: Final = 1024 * 1024  # after a short first read (a file that grew), read on in pieces this big
 IGNORED_EXAMPLES: Final = 3  # names of ignored files shown in the log
 
 _OPEN_FOLDER: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
