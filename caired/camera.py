@@ -305,8 +305,12 @@ async def capture(
 
 def session_name(now: float) -> str:
     """``cam-20250513T164620-551``: UTC time of the session's start, to the millisecond."""
-    millis = int(now * 1000) % 1000
-    return f"cam-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{millis:03d}"
+    return _name(int(now * 1000))
+
+
+def _name(millis: int) -> str:
+    seconds, millis = divmod(millis, 1000)
+    return f"cam-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}-{millis:03d}"
 
 
 OnSession = Callable[[str, trio.MemoryReceiveChannel[CapturedFrame]], Awaitable[None]]
@@ -337,6 +341,9 @@ async def run_camera(
     available: bool | None = None
     delay = 0.0
     backoff = retry_initial
+    # Each session's name is a millisecond later than the last: two sessions in one millisecond,
+    # or a wall clock stepped back (NTP), still get names, and log lines, of their own, in order.
+    last_millis = 0
     while True:
         if delay:
             await trio.sleep(delay)
@@ -349,7 +356,8 @@ async def run_camera(
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 while True:
-                    await _camera_session(camera, cfg, on_session, channel_size)
+                    last_millis = max(int(time.time() * 1000), last_millis + 1)
+                    await _camera_session(camera, _name(last_millis), cfg, on_session, channel_size)
                     if cfg.interval_seconds > 0:
                         break  # release the camera during the pause
             delay = cfg.interval_seconds
@@ -363,8 +371,8 @@ async def run_camera(
             delay, backoff = backoff, min(backoff * 2, retry_max)
 
 
-async def _camera_session(camera: Camera, cfg: CameraConfig, on_session: OnSession, channel_size: int) -> None:
-    name = session_name(time.time())
+async def _camera_session(camera: Camera, name: str, cfg: CameraConfig, on_session: OnSession,
+                          channel_size: int) -> None:
     send, receive = trio.open_memory_channel[CapturedFrame](channel_size)
     stats = CaptureStats()
     failure: DeviceError | None = None

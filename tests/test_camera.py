@@ -231,6 +231,30 @@ def _events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapp
     return [entry for entry in logs if entry["event"] == name]
 
 
+async def test_sessions_in_one_millisecond_or_after_the_clock_steps_back_get_names_of_their_own(
+    virtual: trio.testing.MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = write_video(tmp_path / "cam.avi")
+    wall = iter([1747154380.5511, 1747154380.5511, 1747154370.0, 1747154390.25])  # same ms, then back 10 s
+    monkeypatch.setattr(camera.time, "time", lambda: next(wall, 1747154400.0))
+    cfg = CameraConfig(device=str(video), fps=20, session_seconds=0.1, interval_seconds=0)
+    names: list[str] = []
+    done = trio.Event()
+
+    async def on_session(name: str, receive: trio.MemoryReceiveChannel[CapturedFrame]) -> None:
+        await collect(receive)
+        names.append(name)
+        if len(names) == 4:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_camera, cfg, on_session)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    assert names == ["cam-20250513T163940-551", "cam-20250513T163940-552", "cam-20250513T163940-553",
+                     "cam-20250513T163950-250"]
+
+
 async def test_run_camera_back_to_back_sessions_keep_device_open(virtual: trio.testing.MockClock,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
