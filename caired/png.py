@@ -8,21 +8,25 @@ the file with it).
 Three decoders, tried in turn:
 
 1. ``decode_common`` takes the PNGs caired meets most: 8-bit grey, RGB or RGBA, not
-   interlaced, every row filtered with None or Sub. That is what OpenCV writes (libpng told
-   to use the Sub filter), so every frame ``caired record`` and ``caired synth`` made and
-   what most capture scripts made. Its image data is inflated by ISA-L (the ``isal``
-   package: 1.5 CPU ms for a 640x480 webcam frame against zlib's 3.1; libspng's whole
-   decode is 3.6-3.8) and the Sub filter is undone in numpy by a prefix sum that doubles its
-   reach each pass (log2 of the row's length vectorised adds: 0.8 ms).
+   interlaced. That is what OpenCV writes (libpng told to use the Sub filter), so every
+   frame ``caired record`` and ``caired synth`` made, and what most capture scripts made.
+   Its image data is inflated by ISA-L (the ``isal`` package: 1.5 CPU ms for a 640x480
+   webcam frame against zlib's 3.1; libspng's whole decode is 3.6-3.8), and the row
+   filters are undone by libspng (``spng.unfilter``: 0.45 ms, any of the five filters, the
+   GIL let go once). Without libspng (pyspng has wheels for x86-64 and aarch64 Linux only),
+   rows filtered with None or Sub are undone in numpy by a prefix sum that doubles its reach
+   each pass (log2 of the row's length vectorised adds: 0.8 ms, ~80 calls that each let go
+   of the GIL), and other filters are handed on.
 2. libspng (``caired.spng``), when pyspng is installed: any other PNG.
 3. OpenCV otherwise.
 
-The first never refuses a frame: a PNG it does not take exactly as written (another filter
-or format, a critical chunk's CRC that fails, a chunk it does not know or one OpenCV acts on
-such as eXIf's orientation, a side or a chunk over libpng's limits, a zlib window libpng
-would refuse, a zlib stream that is damaged, short, long, or followed by more data) goes
-whole to the next decoder, which decides as it always has. ISA-L's inflate and numpy's passes let go of the GIL
-while they work (each numpy pass, ~80 a frame, is a chance for another thread to take it); the chunk CRCs keep it.
+The first never refuses a frame: a PNG it does not take exactly as written (another
+format, a filter byte past 4, a critical chunk's CRC that fails, a chunk it does not know
+or one OpenCV acts on such as eXIf's orientation, a side or a chunk over libpng's limits,
+a zlib window libpng would refuse, a zlib stream that is damaged, short, long, or followed
+by more data) goes whole to the next decoder, which decides as it always has. ISA-L's
+inflate, libspng's unfiltering and numpy's passes let go of the GIL while they work; the
+chunk CRCs keep it.
 """
 
 from __future__ import annotations
@@ -167,11 +171,17 @@ def decode_common(data: bytes) -> np.ndarray | None:
     del compressed  # each frame's buffers are let go as soon as they are used: 3 workers hold them at once
     if raw is None:
         return None
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)
-    filters = rows[:, 0].copy()
-    if int(filters.max()) > _SUB:
+    if spng.available():
+        try:
+            scanlines = spng.wrap_scanlines(raw, width, height, colour)
+            del raw  # the wrapped copy is all that is needed now
+            return _to_bgr(spng.unfilter(scanlines), colour)
+        except spng.SpngError:
+            return None  # a filter byte past 4: the next decoder reports it
+    if max(raw[::stride]) > _SUB:
         return None
-    pixels = _undo_sub(rows[:, 1:], bpp, filters)
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)
+    pixels = _undo_sub(rows[:, 1:], bpp, rows[:, 0].copy())
     del rows, raw
     return _to_bgr(pixels.reshape(height, width, bpp), colour)
 

@@ -17,7 +17,12 @@ The output is 8-bit RGB whatever the PNG holds, with no gamma, no transparency a
 colour correction applied: what ``cv2.imdecode(..., IMREAD_COLOR)`` gives, channels in
 RGB order (``tests/test_spng.py`` holds the two to the same pixels for every colour type,
 bit depth and interlace a PNG may have). ``available()`` says whether libspng was found;
-without it (pyspng is the optional extra ``caired[png]``) caired decodes with OpenCV.
+without it (pyspng is a dependency only where it has wheels: x86-64 and aarch64 Linux)
+caired decodes with OpenCV.
+
+``unfilter`` serves ``caired.png``'s common path: ISA-L inflates (faster than libspng's
+zlib) and libspng undoes the row filters of the inflated data, handed to it as a PNG
+whose deflate blocks are stored (``wrap_scanlines``).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import importlib.util
 import struct
 import threading
 import types
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 SPNG_FMT_RGB8: Final = 4  # enum spng_format
+SPNG_FMT_PNG: Final = 256  # the PNG's own channels and depth
+SPNG_CTX_IGNORE_ADLER32: Final = 1  # enum spng_ctx_flags
 SPNG_OK: Final = 0
 SPNG_CRC_USE: Final = 2  # enum spng_crc_action: do not check (check_crcs has)
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
@@ -138,6 +145,82 @@ def decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:
             raise SpngError(f"libspng reports {size.value} bytes for {ihdr.width}x{ihdr.height} RGB")
         image = np.empty((ihdr.height, ihdr.width, 3), dtype=np.uint8)
         _check(lib, lib.spng_decode_image(ctx, image.ctypes.data, size.value, SPNG_FMT_RGB8, 0))
+        return image
+    finally:
+        lib.spng_ctx_free(ctx)
+
+
+class Scanlines(NamedTuple):
+    """Inflated image data wrapped as a PNG whose deflate blocks are stored, for ``unfilter``."""
+
+    png: bytearray
+    width: int
+    height: int
+    channels: int
+
+
+_CHANNELS: Final = {0: 1, 2: 3, 4: 2, 6: 4}  # per colour type
+_STORED_MAX: Final = 65535  # the most one stored deflate block holds
+_STORED_HEAD: Final = struct.Struct("<BHH")  # BFINAL and BTYPE 00, LEN, NLEN
+_ZLIB_HEAD: Final = b"\x78\x01"  # deflate with a 32 KB window, no dictionary (a multiple of 31)
+_WRAPPED_IHDR: Final = struct.Struct(">8sI4sIIBBBBBI")  # signature, length, type, the 13 fields, CRC
+_WRAPPED_END: Final = b"\0\0\0\0" * 2 + _CHUNK_HEAD.pack(0, b"IEND") + b"\0\0\0\0"  # Adler-32, CRC, IEND
+
+
+def wrap_scanlines(rows: bytes, width: int, height: int, colour: int) -> Scanlines:
+    """The inflated scanlines of an 8-bit, non-interlaced PNG (each a filter byte, then the row), as a PNG.
+
+    libspng only takes a PNG, so the bytes are copied, once, into stored (uncompressed) deflate
+    blocks of one IDAT chunk, whose inflating is a copy. Checksums are left as zeros: the
+    stream is built here from data whose own were checked. SpngError for data that does not
+    fit one chunk (2 GB, past anything ``DECODER_PIXEL_LIMIT`` lets through).
+    """
+    channels = _CHANNELS[colour]
+    if len(rows) != height * (1 + width * channels):
+        raise ValueError(f"{len(rows)} bytes are not {height} rows of {width} pixels")
+    blocks = max(1, -(-len(rows) // _STORED_MAX))
+    stream = len(_ZLIB_HEAD) + blocks * _STORED_HEAD.size + len(rows) + 4
+    if stream > _U31:
+        raise SpngError(f"{len(rows)} bytes of scanlines do not fit one IDAT chunk")
+    png = bytearray(_WRAPPED_IHDR.size + _CHUNK_HEAD.size + stream - 4 + len(_WRAPPED_END))
+    _WRAPPED_IHDR.pack_into(png, 0, PNG_SIGNATURE, 13, b"IHDR", width, height, 8, colour, 0, 0, 0, 0)
+    at = _WRAPPED_IHDR.size
+    _CHUNK_HEAD.pack_into(png, at, stream, b"IDAT")
+    at += _CHUNK_HEAD.size
+    png[at : at + len(_ZLIB_HEAD)] = _ZLIB_HEAD
+    at += len(_ZLIB_HEAD)
+    with memoryview(rows) as source:
+        for start in range(0, blocks * _STORED_MAX, _STORED_MAX):
+            size = min(_STORED_MAX, len(rows) - start)
+            _STORED_HEAD.pack_into(png, at, start + size == len(rows), size, size ^ 0xFFFF)
+            at += _STORED_HEAD.size
+            png[at : at + size] = source[start : start + size]
+            at += size
+    png[at:] = _WRAPPED_END
+    return Scanlines(png, width, height, channels)
+
+
+def unfilter(scanlines: Scanlines) -> npt.NDArray[np.uint8]:
+    """The pixels of ``wrap_scanlines``' PNG, H x W x channels: libspng undoes the row filters, all five.
+
+    One foreign call that lets go of the GIL once, where the same in numpy takes ~80 short
+    calls a frame, each a chance for the GIL to change hands. SpngError when libspng
+    refuses (a filter byte past 4) or is not available.
+    """
+    lib = _load()
+    if lib is None:
+        raise SpngError("libspng is not available (pip install pyspng)")
+    png, width, height, channels = scanlines
+    ctx = lib.spng_ctx_new(SPNG_CTX_IGNORE_ADLER32)
+    if not ctx:
+        raise MemoryError("libspng could not make a context")
+    try:
+        _check(lib, lib.spng_set_crc_action(ctx, SPNG_CRC_USE, SPNG_CRC_USE))
+        _check(lib, lib.spng_set_chunk_limits(ctx, len(png), max(len(png), CHUNK_CACHE_LIMIT)))
+        buffer = (ctypes.c_char * len(png)).from_buffer(png)
+        _check(lib, lib.spng_set_png_buffer(ctx, buffer, len(png)))
+        image = np.empty((height, width, channels), dtype=np.uint8)
+        _check(lib, lib.spng_decode_image(ctx, image.ctypes.data, image.nbytes, SPNG_FMT_PNG, 0))
         return image
     finally:
         lib.spng_ctx_free(ctx)

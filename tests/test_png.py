@@ -10,10 +10,10 @@ from unittest.mock import patch
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from caired import frames, png
+from caired import frames, png, spng
 
 CHANNELS = {0: 1, 2: 3, 6: 4}
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,14 +66,31 @@ def pixels_for(colour: int, height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, CHANNELS[colour]), dtype=np.uint8)
 
 
+needs_libspng = pytest.mark.skipif(not spng.available(), reason="pyspng (libspng) is not installed")
+
+
+@needs_libspng
 @settings(max_examples=80, deadline=None)
 @given(st.sampled_from(sorted(CHANNELS)), st.integers(1, 40), st.integers(1, 40), st.data())
-def test_rows_filtered_with_none_or_sub_decode_here_as_opencv_decodes_them(colour: int, height: int, width: int,
-                                                                            data: st.DataObject) -> None:
+def test_rows_filtered_with_any_filter_decode_here_as_opencv_decodes_them(colour: int, height: int, width: int,
+                                                                           data: st.DataObject) -> None:
+    filters = data.draw(st.lists(st.integers(0, 4), min_size=height, max_size=height))
+    image = make_png(pixels_for(colour, height, width, seed=height * 41 + width), colour, filters)
+    with patch.object(png, "_undo_sub", side_effect=AssertionError("numpy unfiltered with libspng there")):
+        decoded = png.decode_common(image)
+    assert decoded is not None
+    assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
+    assert np.array_equal(decoded, opencv(image))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(sorted(CHANNELS)), st.integers(1, 40), st.integers(1, 40), st.data())
+def test_without_libspng_rows_filtered_with_none_or_sub_decode_here_as_opencv_decodes_them(
+        colour: int, height: int, width: int, data: st.DataObject) -> None:
     filters = data.draw(st.lists(st.sampled_from([0, 1]), min_size=height, max_size=height))
     image = make_png(pixels_for(colour, height, width, seed=height * 41 + width), colour, filters)
     block_bytes = data.draw(st.sampled_from([1, 100, png._BLOCK_BYTES]), label="rows unfiltered together, in bytes")
-    with patch.object(png, "_BLOCK_BYTES", block_bytes):
+    with patch.object(png, "_BLOCK_BYTES", block_bytes), patch.object(spng, "available", return_value=False):
         decoded = png.decode_common(image)
     assert decoded is not None
     assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
@@ -82,12 +99,70 @@ def test_rows_filtered_with_none_or_sub_decode_here_as_opencv_decodes_them(colou
 
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from(sorted(CHANNELS)), st.integers(1, 24), st.integers(1, 24), st.data())
-def test_any_other_filter_is_handed_on_and_still_decodes_as_opencv_does(colour: int, height: int, width: int,
-                                                                       data: st.DataObject) -> None:
+def test_without_libspng_any_other_filter_is_handed_on_and_still_decodes_as_opencv_does(
+        colour: int, height: int, width: int, data: st.DataObject) -> None:
     filters = data.draw(st.lists(st.integers(0, 4), min_size=height, max_size=height))
     image = make_png(pixels_for(colour, height, width, seed=height * 13 + width), colour, filters)
-    assert (png.decode_common(image) is None) == (max(filters) > 1)
-    assert np.array_equal(frames.decode_png("f.png", image), opencv(image))
+    with patch.object(spng, "available", return_value=False):
+        assert (png.decode_common(image) is None) == (max(filters) > 1)
+        assert np.array_equal(frames.decode_png("f.png", image), opencv(image))
+
+
+@pytest.mark.parametrize("libspng", [True, False], ids=["libspng", "numpy"])
+def test_a_filter_byte_past_paeth_is_handed_on_and_refused_as_opencv_refuses_it(libspng: bool) -> None:
+    pixels = pixels_for(2, 6, 7, seed=3)
+    rows = bytearray(filtered_rows(pixels, [1] * 6))
+    rows[4 * (1 + 7 * 3)] = 5  # the fifth row's filter byte
+    image = make_png(pixels, 2, [1] * 6, idat=zlib.compress(bytes(rows)))
+    assert cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR) is None
+    with patch.object(spng, "available", return_value=libspng and spng.available()):
+        assert png.decode_common(image) is None
+        with pytest.raises(frames.FrameError):
+            frames.decode_png("f.png", image)
+
+
+@needs_libspng
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(sorted(spng._CHANNELS)), st.integers(1, 3), st.integers(1, 40_000), st.data())
+@example(colour=0, height=1, width=65_534, data=None)  # one row filling one stored block exactly
+@example(colour=0, height=2, width=65_534, data=None)  # two blocks exactly
+@example(colour=0, height=1, width=65_535, data=None)  # one byte into a second block
+def test_scanlines_are_wrapped_as_a_png_of_stored_deflate_blocks(colour: int, height: int, width: int,
+                                                               data: st.DataObject | None) -> None:
+    channels = spng._CHANNELS[colour]
+    seed = data.draw(st.integers(0, 2**32 - 1)) if data is not None else 0
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 256, height * (1 + width * channels), dtype=np.uint8)
+    rows[:: 1 + width * channels] = rng.integers(0, 5, height, dtype=np.uint8)  # filter bytes
+    wrapped = spng.wrap_scanlines(rows.tobytes(), width, height, colour)
+    body = bytes(wrapped.png)
+    assert body.startswith(SIGNATURE)
+    assert png.read_header(body[: png.IHDR_END][:29] + struct.pack(">I", zlib.crc32(body[12:29]))) == \
+        png.Header(width, height, 8, colour, 0)
+    found = list(png.chunks(body))
+    assert [c.kind for c in found] == [b"IDAT", b"IEND"] and all(c.whole for c in found)
+    assert found[1].at + 12 == len(body)  # nothing after IEND
+    stream = body[found[0].at + 8 : found[0].at + 8 + found[0].length]
+    assert stream[:2] == b"\x78\x01" and int.from_bytes(stream[:2], "big") % 31 == 0
+    inflater = zlib.decompressobj(-15)  # raw deflate: the Adler-32 is not checked
+    assert inflater.decompress(stream[2:]) == rows.tobytes()
+    assert inflater.eof and inflater.unused_data == b"\0\0\0\0"  # the Adler-32, left as zeros
+
+
+@needs_libspng
+def test_libspng_undoes_every_filter_of_wrapped_scanlines() -> None:
+    pixels = pixels_for(6, 5, 9, seed=11)
+    rows = filtered_rows(pixels, [0, 1, 2, 3, 4])
+    assert np.array_equal(spng.unfilter(spng.wrap_scanlines(rows, 9, 5, 6)), pixels)
+
+
+@needs_libspng
+def test_scanlines_past_one_chunk_are_handed_on() -> None:
+    image = make_png(pixels_for(2, 20, 30, seed=4), 2, [1] * 20)
+    with patch.object(spng, "_U31", 1000):  # as if the image data passed 2 GB
+        with pytest.raises(spng.SpngError, match="do not fit one IDAT chunk"):
+            spng.wrap_scanlines(bytes(20 * 91), 30, 20, 2)
+        assert png.decode_common(image) is None
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
