@@ -353,7 +353,9 @@ def read_jpeg(ref: FrameRef, folder: FrameFolder, quality: int, limits: FrameLim
     """The frame decoded and re-encoded as JPEG at ``quality``, base64; its header checked first."""
     data = folder.read(ref.name, limits.max_bytes)
     check_png(ref.name, data, limits.max_pixels)
-    return encode_image(decode_png(ref.name, data), ref.timestamp, quality, name=ref.name)
+    image = decode_png(ref.name, data)
+    del data  # not held through the encode: each worker decoding holds a frame's buffers
+    return encode_image(image, ref.timestamp, quality, name=ref.name)
 
 
 def decode_png(name: str, data: bytes) -> np.ndarray:
