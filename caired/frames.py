@@ -361,7 +361,7 @@ def read_jpeg(ref: FrameRef, folder: FrameFolder, quality: int, limits: FrameLim
 def decode_png(name: str, data: bytes) -> np.ndarray:
     """A PNG whose header was checked, as 8-bit BGR: what ``cv2.imdecode(data, IMREAD_COLOR)`` gives.
 
-    ``caired.png`` chooses the decoder: ISA-L and numpy for what OpenCV writes, libspng or OpenCV for the rest.
+    ``caired.png`` chooses the decoder: ISA-L and libspng's unfilter for 8-bit PNGs, libspng or OpenCV for the rest.
     """
     try:
         decoded = png.decode_bgr(data)

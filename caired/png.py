@@ -12,8 +12,8 @@ Three decoders, tried in turn:
    frame ``caired record`` and ``caired synth`` made, and what most capture scripts made.
    Its image data is inflated by ISA-L (the ``isal`` package: 1.5 CPU ms for a 640x480
    webcam frame against zlib's 3.1; libspng's whole decode is 3.6-3.8), and the row
-   filters are undone by libspng (``spng.unfilter``: 0.45 ms, any of the five filters, the
-   GIL let go once). Without libspng (pyspng has wheels for x86-64 and aarch64 Linux only),
+   filters are undone by libspng (``spng.unfilter``: 0.47 ms with the copy it needs, any of
+   the five filters, the GIL let go once). Without libspng (a dependency on x86-64 and aarch64 Linux),
    rows filtered with None or Sub are undone in numpy by a prefix sum that doubles its reach
    each pass (log2 of the row's length vectorised adds: 0.8 ms, ~80 calls that each let go
    of the GIL), and other filters are handed on.
@@ -175,9 +175,11 @@ def decode_common(data: bytes) -> np.ndarray | None:
         try:
             scanlines = spng.wrap_scanlines(raw, width, height, colour)
             del raw  # the wrapped copy is all that is needed now
-            return _to_bgr(spng.unfilter(scanlines), colour)
+            pixels = spng.unfilter(scanlines)
+            del scanlines
         except spng.SpngError:
-            return None  # a filter byte past 4: the next decoder reports it
+            return None  # libspng refused the rows (a filter byte past 4): the next decoder reports it
+        return _to_bgr(pixels, colour)
     if max(raw[::stride]) > _SUB:
         return None
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)

@@ -13,7 +13,7 @@ the PNG held in memory, the header, the decoded size, one decode into a buffer w
 Chunk CRCs are checked here with zlib's CRC-32 before libspng sees the file (its own is
 table-driven and was a quarter of its decode time): 5.5 -> 3.7 CPU ms per 640x480 frame.
 The GIL is let go once per frame, for the decode, as OpenCV does.
-The output is 8-bit RGB whatever the PNG holds, with no gamma, no transparency and no
+``decode_rgb``'s output is 8-bit RGB whatever the PNG holds, with no gamma, no transparency and no
 colour correction applied: what ``cv2.imdecode(..., IMREAD_COLOR)`` gives, channels in
 RGB order (``tests/test_spng.py`` holds the two to the same pixels for every colour type,
 bit depth and interlace a PNG may have). ``available()`` says whether libspng was found;
@@ -42,7 +42,7 @@ SPNG_FMT_RGB8: Final = 4  # enum spng_format
 SPNG_FMT_PNG: Final = 256  # the PNG's own channels and depth
 SPNG_CTX_IGNORE_ADLER32: Final = 1  # enum spng_ctx_flags
 SPNG_OK: Final = 0
-SPNG_CRC_USE: Final = 2  # enum spng_crc_action: do not check (check_crcs has)
+SPNG_CRC_USE: Final = 2  # enum spng_crc_action: do not check (check_crcs has, or the PNG is made here)
 PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 _CHUNK_HEAD: Final = struct.Struct(">I4s")
 _CRC: Final = struct.Struct(">I")
@@ -65,7 +65,7 @@ class _Ihdr(ctypes.Structure):
 
 
 class SpngError(ValueError):
-    """libspng refused the PNG; the message is libspng's own."""
+    """libspng refused the PNG (the message is libspng's own), or cannot be given it."""
 
 
 _lock = threading.Lock()
@@ -153,7 +153,7 @@ def decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:
 class Scanlines(NamedTuple):
     """Inflated image data wrapped as a PNG whose deflate blocks are stored, for ``unfilter``."""
 
-    png: bytearray
+    png: bytes
     width: int
     height: int
     channels: int
@@ -171,32 +171,28 @@ def wrap_scanlines(rows: bytes, width: int, height: int, colour: int) -> Scanlin
     """The inflated scanlines of an 8-bit, non-interlaced PNG (each a filter byte, then the row), as a PNG.
 
     libspng only takes a PNG, so the bytes are copied, once, into stored (uncompressed) deflate
-    blocks of one IDAT chunk, whose inflating is a copy. Checksums are left as zeros: the
-    stream is built here from data whose own were checked. SpngError for data that does not
-    fit one chunk (2 GB, past anything ``DECODER_PIXEL_LIMIT`` lets through).
+    blocks of one IDAT chunk, whose inflating is a copy. The checksums are left as zeros: the
+    stream is made here, from data whose own were checked, and ``unfilter`` checks none of
+    them. SpngError for data that does not fit one chunk (2 GB, past anything
+    ``DECODER_PIXEL_LIMIT`` lets through).
     """
     channels = _CHANNELS[colour]
     if len(rows) != height * (1 + width * channels):
         raise ValueError(f"{len(rows)} bytes are not {height} rows of {width} pixels")
-    blocks = max(1, -(-len(rows) // _STORED_MAX))
+    blocks = -(-len(rows) // _STORED_MAX)
     stream = len(_ZLIB_HEAD) + blocks * _STORED_HEAD.size + len(rows) + 4
     if stream > _U31:
         raise SpngError(f"{len(rows)} bytes of scanlines do not fit one IDAT chunk")
-    png = bytearray(_WRAPPED_IHDR.size + _CHUNK_HEAD.size + stream - 4 + len(_WRAPPED_END))
-    _WRAPPED_IHDR.pack_into(png, 0, PNG_SIGNATURE, 13, b"IHDR", width, height, 8, colour, 0, 0, 0, 0)
-    at = _WRAPPED_IHDR.size
-    _CHUNK_HEAD.pack_into(png, at, stream, b"IDAT")
-    at += _CHUNK_HEAD.size
-    png[at : at + len(_ZLIB_HEAD)] = _ZLIB_HEAD
-    at += len(_ZLIB_HEAD)
+    parts: list[bytes | memoryview] = [
+        _WRAPPED_IHDR.pack(PNG_SIGNATURE, 13, b"IHDR", width, height, 8, colour, 0, 0, 0, 0),
+        _CHUNK_HEAD.pack(stream, b"IDAT"), _ZLIB_HEAD]
     with memoryview(rows) as source:
-        for start in range(0, blocks * _STORED_MAX, _STORED_MAX):
-            size = min(_STORED_MAX, len(rows) - start)
-            _STORED_HEAD.pack_into(png, at, start + size == len(rows), size, size ^ 0xFFFF)
-            at += _STORED_HEAD.size
-            png[at : at + size] = source[start : start + size]
-            at += size
-    png[at:] = _WRAPPED_END
+        for start in range(0, len(rows), _STORED_MAX):
+            piece = source[start : start + _STORED_MAX]
+            parts += (_STORED_HEAD.pack(start + len(piece) == len(rows), len(piece), len(piece) ^ 0xFFFF), piece)
+        parts.append(_WRAPPED_END)
+        png = b"".join(parts)  # one copy, into memory never zeroed first
+        del parts, piece
     return Scanlines(png, width, height, channels)
 
 
@@ -204,8 +200,10 @@ def unfilter(scanlines: Scanlines) -> npt.NDArray[np.uint8]:
     """The pixels of ``wrap_scanlines``' PNG, H x W x channels: libspng undoes the row filters, all five.
 
     One foreign call that lets go of the GIL once, where the same in numpy takes ~80 short
-    calls a frame, each a chance for the GIL to change hands. SpngError when libspng
-    refuses (a filter byte past 4) or is not available.
+    calls a frame, each a chance for the GIL to change hands. Neither the chunks' CRCs nor
+    the stream's Adler-32 is checked (zeros here; libspng then tells its zlib, 1.2.11 in
+    pyspng 0.1.4, not to validate). SpngError when libspng refuses (a filter byte past 4)
+    or is not available.
     """
     lib = _load()
     if lib is None:
@@ -216,9 +214,7 @@ def unfilter(scanlines: Scanlines) -> npt.NDArray[np.uint8]:
         raise MemoryError("libspng could not make a context")
     try:
         _check(lib, lib.spng_set_crc_action(ctx, SPNG_CRC_USE, SPNG_CRC_USE))
-        _check(lib, lib.spng_set_chunk_limits(ctx, len(png), max(len(png), CHUNK_CACHE_LIMIT)))
-        buffer = (ctypes.c_char * len(png)).from_buffer(png)
-        _check(lib, lib.spng_set_png_buffer(ctx, buffer, len(png)))
+        _check(lib, lib.spng_set_png_buffer(ctx, png, len(png)))
         image = np.empty((height, width, channels), dtype=np.uint8)
         _check(lib, lib.spng_decode_image(ctx, image.ctypes.data, image.nbytes, SPNG_FMT_PNG, 0))
         return image
