@@ -196,9 +196,11 @@ def test_caired_backend_takes_every_hostile_switch(monkeypatch: pytest.MonkeyPat
     from caired.emulator import server
 
     seen: list[Faults] = []
+    kept: list[int | None] = []
 
     async def serve(options: Any, **kwargs: Any) -> None:
         seen.append(options.faults)
+        kept.append(kwargs["state"].keep)
 
     monkeypatch.setattr(server, "serve_backend", serve)
     code = cli.main(["backend", "--deep-nesting", "5000", "--huge-message", "9000000", "--flood", "100",
@@ -207,6 +209,7 @@ def test_caired_backend_takes_every_hostile_switch(monkeypatch: pytest.MonkeyPat
     assert code == 0
     assert seen == [Faults(deep_nesting=5000, huge_message=9000000, flood=100, invalid_utf8=True, binary_every=4,
                            finished_twice=True, hostile_after=3, hostile_times=2, close_after=5, close_code=4321)]
+    assert kept == [server.KEEP_SESSIONS]  # a backend left running does not remember every connection
 
 
 @pytest.mark.parametrize("code", ["1005", "1006", "1015", "999", "5000", "abc"])

@@ -50,7 +50,7 @@ async def test_a_rejected_key_exits_77_in_one_line(backend: BackendFactory, tmp_
     assert (code, said) == (77, [])
     assert err == [f"caired check-config: backend: the backend rejected the connection (HTTP 403) at "
                    f"ws://127.0.0.1:{state.port}/ws/?client=caired&api_key=***: check the API key"]
-    assert state.sessions == []
+    assert not state.sessions
 
 
 async def test_a_wrong_path_is_told_apart_from_a_key(backend: BackendFactory, tmp_path: Path) -> None:

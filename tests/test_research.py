@@ -105,7 +105,7 @@ async def test_an_almost_right_layout_fails_with_one_line_naming_what_is_wrong(
         await stream_folder(make_config(state.port, FPS="0"), tmp_path)
     assert says in str(caught.value)
     assert "\n" not in str(caught.value)
-    assert state.sessions == []
+    assert not state.sessions
 
 
 async def test_a_pure_json_whose_times_match_no_frame_is_refused(backend: BackendFactory, tmp_path: Path) -> None:

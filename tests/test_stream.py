@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import signal
@@ -16,7 +17,7 @@ import trio
 import trio.testing
 
 from caired.commands.stream import stream_folder
-from caired.emulator.server import BackendState, Faults
+from caired.emulator.server import BackendOptions, BackendState, Faults, serve_backend
 from caired.errors import BackendUnavailable, KeyRejected, NoFramesError, SessionError
 from caired.frames import list_frames
 from caired.protocol import UUID4_RE
@@ -191,6 +192,18 @@ async def test_a_withheld_finished_fails_after_the_finish_timeout(
     with pytest.raises(SessionError, match=r"no 'finished' within 0\.5 s"):
         await stream_folder(cfg, frames(4))
     assert len(state.sessions) == 2 and all(s.end is not None for s in state.sessions)
+
+
+async def test_a_backend_keeping_one_session_still_counts_its_faults_by_connection(
+    nursery: trio.Nursery, frames: Callable[..., Path]
+) -> None:
+    """``caired backend`` remembers only its last connections; the first N still means the first N accepted."""
+    state = BackendState(keep=1)
+    await nursery.start(functools.partial(serve_backend, BackendOptions(faults=Faults(withhold_finished=1)),
+                                          state=state))
+    cfg = make_config(state.port, FPS="0", CAIRED_BACKEND_FINISH_TIMEOUT="0.5", CAIRED_RETRY_ATTEMPTS="2")
+    await stream_folder(cfg, frames(3))  # the first connection's finished is withheld, the second's is not
+    assert state.connections == 2 and len(state.sessions) == 1 and state.sessions[0].finished
 
 
 # --- the command line: exit codes, one-line errors, no key anywhere --------------------------------------------

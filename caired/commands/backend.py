@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> int:
-    from caired.emulator.server import BackendOptions, Faults, serve_backend
+    from caired.emulator.server import KEEP_SESSIONS, BackendOptions, BackendState, Faults, serve_backend
 
     options = BackendOptions(
         api_key=args.api_key,
@@ -88,7 +88,8 @@ def _main(cfg: Config, args: argparse.Namespace) -> int:
             hostile_times=args.hostile_times,
         ),
     )
-    trio.run(lambda: serve_backend(options, host=args.host, port=args.port))
+    state = BackendState(keep=KEEP_SESSIONS)  # it runs until stopped: what it saw must not grow with it
+    trio.run(lambda: serve_backend(options, host=args.host, port=args.port, state=state))
     return 0
 
 

@@ -8,7 +8,8 @@ answers ``ok`` every ``ok_every`` frames (with ``advanced`` arrays when asked) a
 frames it receives (decoded off the event loop), or is a constant with
 ``estimate=False``. ``Faults`` switch on the misbehaviour tests need.
 
-Everything it saw is kept in a ``BackendState`` that tests read.
+Everything it saw is kept in a ``BackendState`` that tests read; ``caired backend`` keeps
+the last ``KEEP_SESSIONS`` connections, so that one left running for days stays small.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import re
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -38,6 +40,7 @@ RECEIVE_BUFFER: Final = 1024 * 1024  # trio-websocket reads 4 KiB at a time by d
 JPEG_MAGIC: Final = b"\xff\xd8\xff"
 PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
 CONSTANT_HR: Final = 72
+KEEP_SESSIONS: Final = 100  # connections ``caired backend`` remembers (~6 KB each with 20 frames)
 FIN_TEXT: Final = 0x81  # a final text frame, as a server writes it (no mask)
 VIOLATION: Final = 1007  # "invalid frame payload data": the message breaks the protocol
 # The light parser's view of a message, with or without spaces after ':' (json.dumps and orjson alike)
@@ -114,10 +117,23 @@ class SessionSeen:
 
 @attrs.define
 class BackendState:
+    """What the backend saw: every connection, or the last ``keep`` of them (a backend that runs for days)."""
+
     handshakes: int = 0
     rejected: int = 0
-    sessions: list[SessionSeen] = attrs.field(factory=list)
+    keep: int | None = None
+    sessions: deque[SessionSeen] = attrs.field(init=False)
+    connections: int = 0  # accepted since the start, whether kept or not: what Faults count
     port: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.sessions = deque(maxlen=self.keep)
+
+    def add(self, seen: SessionSeen) -> int:
+        """Keep ``seen``; its number, from 1, among the connections accepted."""
+        self.sessions.append(seen)
+        self.connections += 1
+        return self.connections
 
     @property
     def violations(self) -> list[str]:
@@ -195,8 +211,7 @@ async def _handle(
         await trio.sleep(faults.accept_delay)
     ws = await request.accept()
     seen = SessionSeen(socket_id=secrets.token_hex(4), path=parts.path, query=query, headers=headers)
-    state.sessions.append(seen)
-    index = len(state.sessions)
+    index = state.add(seen)
     if parts.path.rstrip("/") != "/ws":
         seen.close_code = 1008
         await ws.aclose(1008, "Invalid path")
