@@ -378,8 +378,8 @@ def main() -> int:
         for rep in range(args.repeat):
             limits.append(measure_limit(paths)["fps"])
             for case in cases:
-                # A backend of its own for each run: one that has parsed a thousand 0.8 MB raw messages
-                # answers more slowly, and a client that waits more spends more CPU a frame.
+                # A backend of its own for each run, so that none meets one that earlier runs left
+                # holding the buffers of a thousand 0.8 MB raw messages.
                 port = free_port()
                 backend = start_backend(port, args.backend, args.answer_every)
                 try:
