@@ -180,10 +180,11 @@ def decode_common(data: bytes) -> np.ndarray | None:
         except spng.SpngError:
             return None  # libspng refused the rows (a filter byte past 4): the next decoder reports it
         return _to_bgr(pixels, colour)
-    if max(raw[::stride]) > _SUB:
-        return None
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride)
-    pixels = _undo_sub(rows[:, 1:], bpp, rows[:, 0].copy())
+    filters = rows[:, 0].copy()
+    if int(filters.max()) > _SUB:
+        return None
+    pixels = _undo_sub(rows[:, 1:], bpp, filters)
     del rows, raw
     return _to_bgr(pixels.reshape(height, width, bpp), colour)
 

@@ -28,11 +28,13 @@ whose deflate blocks are stored (``wrap_scanlines``).
 from __future__ import annotations
 
 import binascii
+import contextlib
 import ctypes
 import importlib.util
 import struct
 import threading
 import types
+from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
 import numpy as np
@@ -123,15 +125,8 @@ def decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:
     The caller checks the header and the pixel count first (``frames.check_png``); libspng
     checks everything else (chunk CRCs, the zlib stream, lengths), as libpng would.
     """
-    lib = _load()
-    if lib is None:
-        raise SpngError("libspng is not available (pip install pyspng)")
-    check_crcs(data)
-    ctx = lib.spng_ctx_new(0)
-    if not ctx:
-        raise MemoryError("libspng could not make a context")
-    try:
-        _check(lib, lib.spng_set_crc_action(ctx, SPNG_CRC_USE, SPNG_CRC_USE))  # checked above, faster
+    check_crcs(data)  # faster than libspng's own, which the context leaves off
+    with _context(0) as (lib, ctx):
         # No chunk is longer than the file; what is kept aside (text, profiles, decompressed) is at
         # most that, or CHUNK_CACHE_LIMIT (libspng wants the cache limit to hold one chunk).
         chunk_limit = min(len(data), _U31)
@@ -146,6 +141,22 @@ def decode_rgb(data: bytes) -> npt.NDArray[np.uint8]:
         image = np.empty((ihdr.height, ihdr.width, 3), dtype=np.uint8)
         _check(lib, lib.spng_decode_image(ctx, image.ctypes.data, size.value, SPNG_FMT_RGB8, 0))
         return image
+
+
+@contextlib.contextmanager
+def _context(flags: int) -> Iterator[tuple[Any, int]]:
+    """libspng and a decoding context made with ``flags`` for the block, chunk CRCs not checked.
+
+    SpngError when libspng is not available."""
+    lib = _load()
+    if lib is None:
+        raise SpngError("libspng is not available (pip install pyspng)")
+    ctx = lib.spng_ctx_new(flags)
+    if not ctx:
+        raise MemoryError("libspng could not make a context")
+    try:
+        _check(lib, lib.spng_set_crc_action(ctx, SPNG_CRC_USE, SPNG_CRC_USE))
+        yield lib, ctx
     finally:
         lib.spng_ctx_free(ctx)
 
@@ -205,21 +216,12 @@ def unfilter(scanlines: Scanlines) -> npt.NDArray[np.uint8]:
     pyspng 0.1.4, not to validate). SpngError when libspng refuses (a filter byte past 4)
     or is not available.
     """
-    lib = _load()
-    if lib is None:
-        raise SpngError("libspng is not available (pip install pyspng)")
     png, width, height, channels = scanlines
-    ctx = lib.spng_ctx_new(SPNG_CTX_IGNORE_ADLER32)
-    if not ctx:
-        raise MemoryError("libspng could not make a context")
-    try:
-        _check(lib, lib.spng_set_crc_action(ctx, SPNG_CRC_USE, SPNG_CRC_USE))
+    with _context(SPNG_CTX_IGNORE_ADLER32) as (lib, ctx):
         _check(lib, lib.spng_set_png_buffer(ctx, png, len(png)))
         image = np.empty((height, width, channels), dtype=np.uint8)
         _check(lib, lib.spng_decode_image(ctx, image.ctypes.data, image.nbytes, SPNG_FMT_PNG, 0))
         return image
-    finally:
-        lib.spng_ctx_free(ctx)
 
 
 def check_crcs(data: bytes) -> None:

@@ -66,6 +66,12 @@ def pixels_for(colour: int, height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, CHANNELS[colour]), dtype=np.uint8)
 
 
+def assert_decoded_as_opencv_does(decoded: np.ndarray | None, image: bytes) -> None:
+    assert decoded is not None
+    assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
+    assert np.array_equal(decoded, opencv(image))
+
+
 needs_libspng = pytest.mark.skipif(not spng.available(), reason="pyspng (libspng) is not installed")
 
 
@@ -78,9 +84,7 @@ def test_rows_filtered_with_any_filter_decode_here_as_opencv_decodes_them(colour
     image = make_png(pixels_for(colour, height, width, seed=height * 41 + width), colour, filters)
     with patch.object(png, "_undo_sub", side_effect=AssertionError("numpy unfiltered with libspng there")):
         decoded = png.decode_common(image)
-    assert decoded is not None
-    assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
-    assert np.array_equal(decoded, opencv(image))
+    assert_decoded_as_opencv_does(decoded, image)
 
 
 @settings(max_examples=80, deadline=None)
@@ -92,9 +96,7 @@ def test_without_libspng_rows_filtered_with_none_or_sub_decode_here_as_opencv_de
     block_bytes = data.draw(st.sampled_from([1, 100, png._BLOCK_BYTES]), label="rows unfiltered together, in bytes")
     with patch.object(png, "_BLOCK_BYTES", block_bytes), patch.object(spng, "available", return_value=False):
         decoded = png.decode_common(image)
-    assert decoded is not None
-    assert decoded.dtype == np.uint8 and decoded.flags.c_contiguous
-    assert np.array_equal(decoded, opencv(image))
+    assert_decoded_as_opencv_does(decoded, image)
 
 
 @settings(max_examples=40, deadline=None)
