@@ -205,6 +205,59 @@ def test_a_done_folder_still_locked_is_left_alone(spool: Spool) -> None:
     assert not busy.exists()
 
 
+def test_a_locked_folder_last_in_done_does_not_hold_the_pass(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    older = filed(spool, "older", age_days=5)
+    busy = filed(spool, "busy", age_days=4)  # the newest, still being filed by another process
+    fd = lock_elsewhere(busy)
+    listings = count_listings(monkeypatch, give_up_after=50)  # the pass once listed it again and again, forever
+    try:
+        retention = make_retention(spool, done_max_bytes="1")
+        retention.run_pass()
+        assert pngs(busy) == 4 and busy.exists()
+        assert not older.exists()
+    finally:
+        os.close(fd)
+    assert len(listings) <= 4  # frames, then folders: a batch each and the empty listing that ends it
+    retention.run_pass()
+    assert pngs(busy) == 0 and not busy.exists()  # let go: the next pass takes it
+
+
+def test_a_pass_past_thousands_of_folders_without_frames_lists_done_a_few_times(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # After a restart the first pass walks from the oldest folder: here 1,500 whose frames went long ago.
+    for i in range(1500):
+        folder = spool.done / f"old{i:04d}"
+        folder.mkdir()
+        (folder / RESULT_FILE).write_text("{}")
+        os.utime(folder, (time.time() - 10 * DAY + i, time.time() - 10 * DAY + i))
+    newest = [filed(spool, f"new{i}", age_days=1 - i / 10) for i in range(3)]
+    for folder in newest:  # frames that make up most of done/'s bytes, so that the frames of one folder are enough
+        for frame in folder.glob("*.png"):
+            frame.write_bytes(FRAME * 128)  # 1 MiB
+    total = make_retention(spool).spool.tally().done_bytes
+    retention = make_retention(spool, done_max_bytes=str(total - 1))  # 10% of it to go: 2.5 of a folder's 4 MiB
+    listings = count_listings(monkeypatch)
+    retention.run_pass()
+    assert [pngs(f) for f in newest] == [0, 4, 4]  # only the oldest frames went, and no folder
+    assert spool.counts()["done"] == 1503
+    # batches of 64, 128, 256, 512 and 1,024 reach the first folder with frames; one per 64 took 24 listings
+    assert listings == [64, 128, 256, 512, 1024]
+
+
+def count_listings(monkeypatch: pytest.MonkeyPatch, *, give_up_after: int = 1000) -> list[int]:
+    """The size asked of each listing of done/ a pass makes from now on (failing past ``give_up_after``)."""
+    sizes: list[int] = []
+    oldest = Retention._oldest
+
+    def counted(self: Retention, after: tuple[int, str], size: int) -> list[tuple[int, str]]:
+        sizes.append(size)
+        assert len(sizes) <= give_up_after, "the pass keeps listing done/"
+        return oldest(self, after, size)
+
+    monkeypatch.setattr(Retention, "_oldest", counted)
+    return sizes
+
+
 def test_no_symlink_is_followed(spool: Spool, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
