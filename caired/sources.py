@@ -26,7 +26,6 @@ from caired import fsops, video
 from caired.config import Config
 from caired.errors import FrameError, GroundTruthError, LayoutError, NoFramesError, Retry, SessionError
 from caired.frames import (
-    RAW_BATCH,
     EncodedFrame,
     FrameFolder,
     FrameLimits,
@@ -35,6 +34,7 @@ from caired.frames import (
     encode_image,
     encode_pipeline,
     encoder,
+    folder_batch,
     read_jpeg_file,
 )
 from caired.fsops import shown
@@ -294,7 +294,7 @@ class FolderSource:
                 return read_jpeg_file(ref, folder, limits) if ref.is_jpeg else encode_other(ref)
 
             items = window.watch(self.frames)
-            batch = RAW_BATCH if stream_cfg.format == "raw" else 1
+            batch = folder_batch(stream_cfg.format, stream_cfg.send_queue, int(self.limiter.total_tokens))
         try:
             async with encode_pipeline(items, encode, depth=stream_cfg.send_queue, limiter=self.limiter,
                                        batch=batch) as chan:

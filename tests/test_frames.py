@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -33,6 +34,7 @@ from caired.frames import (
     encode_pipeline,
     encode_workers,
     encoder,
+    folder_batch,
     frame_stem,
     list_frames,
     png_size,
@@ -507,6 +509,27 @@ async def test_frames_from_an_async_source_are_not_held_back_to_fill_a_batch() -
         await send.send("1")
         with trio.fail_after(5):
             assert (await chan.receive()).timestamp == "1"
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5, 9])
+async def test_a_folder_batch_leaves_no_worker_idle(workers: int) -> None:
+    """jpeg frames of a folder go in batches, but never so large that fewer batches are in
+    flight than there are workers: the first batch of each worker waits for all the others."""
+    depth = 8
+    batch = folder_batch("jpeg", depth, workers)
+    everyone = threading.Barrier(workers, timeout=10)
+
+    def encode(index: int) -> EncodedFrame:
+        if index % batch == 0 and index < workers * batch:
+            everyone.wait()  # broken (an error for that frame) if the others never get there
+        return EncodedFrame(str(index), b"")
+
+    async with encode_pipeline(range(60), encode, depth=depth, limiter=trio.CapacityLimiter(workers),
+                               batch=batch) as results:
+        seen = [result async for result in results]
+    assert [r.timestamp if isinstance(r, EncodedFrame) else r.problem for r in seen] == [str(i) for i in range(60)]
+    assert batch == {2: 4, 3: 4, 5: 2, 9: 1}[workers]
+    assert folder_batch("raw", depth, workers) == 4  # a raw frame costs less than the hop: one worker keeps up
 
 
 def test_encode_workers_follow_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
