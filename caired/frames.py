@@ -68,8 +68,8 @@ FOLDER_BATCH: Final = 4
 def folder_batch(fmt: Format, depth: int, workers: int) -> int:
     """How many frames of a folder a worker thread takes at once, for ``encode_pipeline``.
 
-    ``FOLDER_BATCH``; in jpeg mode fewer when that many would leave a worker idle: about
-    ``depth // batch + 1`` batches are in flight, and every worker should have one (2 CPUs,
+    ``FOLDER_BATCH``; in jpeg mode fewer when that many would leave a worker idle: up to
+    ``ceil(depth / batch) + 1`` batches are in flight, and every worker should have one (2 CPUs,
     3 workers and a send_queue of 8: fours; 4 CPUs: twos; 8 CPUs: one by one). Raw frames
     cost less to read than the hop, so one worker keeps up with them.
     """
@@ -458,9 +458,11 @@ async def encode_pipeline(
     arrives as its FrameError, whatever ``encode`` raised for it. Leaving the block
     cancels whatever is still in flight.
 
-    ``batch`` items of a listing go to a worker thread together, for frames that cost
-    less to encode than a thread hop (raw); items from an async source always go one by
-    one, so none waits for the next to arrive.
+    ``batch`` items of a listing go to a worker thread together (``folder_batch``: a hop
+    costs more than a raw frame, and in jpeg mode the GIL changed hands around each), but
+    the first goes alone, so that it is not kept waiting for the others; a worker checks
+    between items whether the pipeline was left. Items from an async source always go one
+    by one, so none waits for the next to arrive.
     """
     batch = max(1, min(batch, depth))  # a small queue is not overrun by one big batch
     send, receive = trio.open_memory_channel[Result](0)
@@ -470,6 +472,8 @@ async def encode_pipeline(
     def encode_all(group: list[T]) -> list[Result]:
         results: list[Result] = []
         for item in group:
+            if results:
+                trio.from_thread.check_cancelled()  # left while this batch was under way: the rest is not wanted
             try:
                 results.append(encode(item))
             except FrameError as exc:
@@ -513,6 +517,9 @@ async def _groups(items: AsyncIterable[T] | Iterable[T], size: int) -> AsyncIter
             yield [item]
         return
     iterator = iter(items)
+    first = list(itertools.islice(iterator, 1))  # alone: the first frame is wanted as soon as it can be had
+    if first:
+        yield first
     while group := list(itertools.islice(iterator, size)):
         yield group
         await trio.lowlevel.checkpoint()

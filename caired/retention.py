@@ -13,9 +13,10 @@ When, and in which order
     ``free_space_floor``. Past either, the frames of ``done/`` folders are deleted, oldest
     folder first (by the folder's mtime, which is when it was filed: deleting frames puts it
     back), until ``done/`` is back under ``LOW_WATER`` of its budget and free space a margin
-    above the floor. Only when no folder of ``done/`` has frames left are whole folders,
-    result.json included, deleted, oldest first. On a much longer clock, folders older than
-    ``folders_max_days`` go whole, and frames older than ``frames_max_days`` go.
+    above the floor. Only when no folder of ``done/`` has frames left (but those another
+    process still holds) are whole folders, result.json included, deleted, oldest first.
+    On a much longer clock, folders older than ``folders_max_days`` go whole, and frames
+    older than ``frames_max_days`` go.
 
     Every deletion is one ``retention_deleted`` line: what (``frames`` or ``folder``), the
     path, the files and bytes freed, and why (the key that asked for it).
@@ -299,6 +300,7 @@ class Retention:
     def _delete_frames(self, want: _Want) -> int:
         """Frames of done/ folders, oldest first, while the budget or the floor (or their age) asks."""
         freed = 0
+        passed_over = False
         for batch in self._done_folders(self._frames_gone_to):
             for key in batch:
                 mtime_ns, name = key
@@ -308,11 +310,13 @@ class Retention:
                 why = (want.why(self.cfg) if want.pressed
                        else f"retention.frames_max_days = {self.cfg.frames_max_days:g}")
                 gone = self._delete_frames_of(name, why)
-                if gone is None:
-                    continue  # held by another process: not filed yet; looked at again by a later pass
+                if gone is None:  # held by another process: not filed yet; a later pass starts here again
+                    passed_over = True
+                    continue
                 freed += gone
                 want.took(gone)
-                self._frames_gone_to = key
+                if not passed_over:
+                    self._frames_gone_to = key
         return freed
 
     def _delete_frames_of(self, name: str, why: str) -> int | None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -495,7 +496,30 @@ async def test_a_batched_pipeline_keeps_order_and_errors_and_hops_once_per_batch
             async for result in chan:
                 seen.append(result.timestamp if isinstance(result, EncodedFrame) else f"error:{result.name}")
     assert seen == [f"error:{r.name}" if i == 6 else r.timestamp for i, r in enumerate(refs)]
-    assert len(hops) == 3  # 4 + 4 + 2
+    assert len(hops) == 4  # the first alone, then 4 + 4 + 1
+
+
+async def test_a_batch_under_way_stops_when_the_pipeline_is_left() -> None:
+    started: list[int] = []
+
+    def encode(index: int) -> EncodedFrame:
+        started.append(index)
+        if index == 1:  # the first of a batch of four: hold it until the pipeline is left
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    trio.from_thread.check_cancelled()
+                except trio.Cancelled:
+                    break
+                time.sleep(0.001)
+        return EncodedFrame(str(index), b"")
+
+    async with encode_pipeline(range(9), encode, depth=8, limiter=trio.CapacityLimiter(1), batch=4) as results:
+        assert (await results.receive()).timestamp == "0"  # the first frame came alone
+        with trio.fail_after(10):
+            while 1 not in started:  # noqa: ASYNC110 - a worker thread's progress: no event to wait on
+                await trio.sleep(0.001)
+    assert started == [0, 1]  # 2, 3 and 4 of that batch were not encoded for nobody
 
 
 async def test_frames_from_an_async_source_are_not_held_back_to_fill_a_batch() -> None:
@@ -518,9 +542,14 @@ async def test_a_folder_batch_leaves_no_worker_idle(workers: int) -> None:
     depth = 8
     batch = folder_batch("jpeg", depth, workers)
     everyone = threading.Barrier(workers, timeout=10)
+    threads: set[int] = set()
+    lock = threading.Lock()
 
     def encode(index: int) -> EncodedFrame:
-        if index % batch == 0 and index < workers * batch:
+        with lock:
+            new_thread = threading.get_ident() not in threads
+            threads.add(threading.get_ident())
+        if new_thread and not everyone.broken and len(threads) <= workers:
             everyone.wait()  # broken (an error for that frame) if the others never get there
         return EncodedFrame(str(index), b"")
 

@@ -222,6 +222,24 @@ def test_a_locked_folder_last_in_done_does_not_hold_the_pass(spool: Spool, monke
     assert pngs(busy) == 0 and not busy.exists()  # let go: the next pass takes it
 
 
+def test_a_folder_passed_over_while_held_keeps_its_place_in_the_order(spool: Spool) -> None:
+    older = filed(spool, "older", age_days=6)
+    busy = filed(spool, "busy", age_days=5)
+    newer = filed(spool, "newer", age_days=4)
+    fd = lock_elsewhere(busy)
+    try:
+        retention = make_retention(spool, done_max_bytes="1")
+        retention.run_pass()
+    finally:
+        os.close(fd)
+    assert not older.exists() and not newer.exists() and pngs(busy) == 4
+    with capture_logs() as logs:
+        retention.run_pass()
+    # its frames first, as for any folder, not the whole folder at once because a newer one's frames went
+    assert deletions(logs) == [("busy", "frames", "retention.done_max_bytes"),
+                               ("busy", "folder", "retention.done_max_bytes")]
+
+
 def test_a_pass_past_thousands_of_folders_without_frames_lists_done_a_few_times(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     # After a restart the first pass walks from the oldest folder: here 1,500 whose frames went long ago.
