@@ -11,12 +11,14 @@ When, and in which order
     Every ``CHECK_SECONDS`` the task compares ``done/`` with ``[retention] done_max_bytes``
     (bytes, or a share of the filesystem) and the filesystem's free space with
     ``free_space_floor``. Past either, the frames of ``done/`` folders are deleted, oldest
-    folder first (by the folder's mtime, which is when it was filed: deleting frames puts it
-    back), until ``done/`` is back under ``LOW_WATER`` of its budget and free space a margin
-    above the floor. Only when no folder of ``done/`` has frames left (but those another
-    process still holds) are whole folders, result.json included, deleted, oldest first.
-    On a much longer clock, folders older than ``folders_max_days`` go whole, and frames
-    older than ``frames_max_days`` go.
+    folder first, until ``done/`` is back under ``LOW_WATER`` of its budget and free space a
+    margin above the floor. Oldest is by the folder's mtime: the spool sets it as the folder
+    enters ``done/``, while it still holds the folder, so a folder whose outcome was written
+    before another's but that entered ``done/`` after it still comes after what a pass has
+    seen; deleting frames puts it back. Only when no folder of ``done/`` has frames left (but
+    those another process still holds) are whole folders, result.json included, deleted,
+    oldest first. On a much longer clock, folders older than ``folders_max_days`` go whole,
+    and frames older than ``frames_max_days`` go.
 
     Every deletion is one ``retention_deleted`` line: what (``frames`` or ``folder``), the
     path, the files and bytes freed, and why (the key that asked for it).
@@ -39,7 +41,9 @@ What it costs
     with 20,000 of them and 220 with frames over a 50M budget, that pass made 21 listings
     and took 5.1 CPU s, where a listing per ``BATCH`` made 573 and took 33.7 s. Frames
     already deleted are skipped by their folders' order, so a pass does not look into
-    them again; a folder another process still holds is passed over, for a later pass.
+    them again: the frames walk keeps its place between passes, but never past a folder
+    another process still held or one filed less than ``SETTLE_SECONDS`` before the pass
+    (the mtime's granularity), which the next pass looks at again.
 
 Low disk
     ``Disk`` is the filesystem's state against the floor. Below it, camera sessions still
@@ -81,6 +85,7 @@ FLOOR_MARGIN: Final = 0.05  # and frees this share of the floor above it (also t
 BATCH: Final = 64  # folders of done/ held in memory by a pass's first listing
 MAX_BATCH: Final = 4096  # and by any later one (~0.5 MB)
 DAY: Final = 86400.0
+SETTLE_SECONDS: Final = 2.0  # the frames walk's place is never moved past folders filed this recently
 DELETED_PREFIX: Final = ".caired-deleted-"  # whole folders being removed, in tmp/
 
 
@@ -301,6 +306,7 @@ class Retention:
         """Frames of done/ folders, oldest first, while the budget or the floor (or their age) asks."""
         freed = 0
         passed_over = False
+        settled_ns = int((self._clock() - SETTLE_SECONDS) * 1e9)
         for batch in self._done_folders(self._frames_gone_to):
             for key in batch:
                 mtime_ns, name = key
@@ -315,6 +321,7 @@ class Retention:
                     continue
                 freed += gone
                 want.took(gone)
+                passed_over = passed_over or mtime_ns > settled_ns
                 if not passed_over:
                     self._frames_gone_to = key
         return freed

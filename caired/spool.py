@@ -764,6 +764,9 @@ class Spool:
             self._tally.move(claim.where, to)
         claim.folder, claim.where = folder, to
         fsops.fsync_dirs_quietly(self._dir(to), origin)
+        if to == "done":
+            with contextlib.suppress(OSError):  # filed now: retention's order is the folders' mtime (see there)
+                os.utime(claim.dir_fd)
         deleted = self._delete_frames(claim) if to == "done" and not self._keeps_frames(claim) else 0
         size = usage(claim.dir_fd)
         with self._lock:

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from structlog.contextvars import merge_contextvars
@@ -24,7 +25,7 @@ from caired.daemon import disk_status, serve
 from caired.errors import SpoolError
 from caired.lifecycle import Context
 from caired.retention import DELETED_PREFIX, Disk, Retention, serve_retention
-from caired.spool import LOCK_FILE, RESULT_FILE, SESSION_FILE, Spool
+from caired.spool import LOCK_FILE, RESULT_FILE, SESSION_FILE, Spool, usage
 from caired.systemd import Notifier
 from tests.conftest import BackendFactory, make_config, write_frames, write_video
 from tests.test_spool import drop, listing, lock_elsewhere
@@ -223,6 +224,33 @@ def test_a_folder_passed_over_while_held_keeps_its_place_in_the_order(spool: Spo
     # its frames first, as for any folder, not the whole folder at once because a newer one's frames went
     assert deletions(logs) == [("busy", "frames", "retention.done_max_bytes"),
                                ("busy", "folder", "retention.done_max_bytes")]
+
+
+def test_a_folder_filed_late_behind_a_newer_one_still_loses_its_frames(spool: Spool) -> None:
+    """Two sessions end together: the one whose outcome was written second enters done/ first,
+    and a pass runs between the two moves. The walk's place must not pass the newer folder yet."""
+    now = [time.time()]
+    newer = filed(spool, "newer", age_days=0.5 / DAY)  # filed half a second ago
+    for frame in newer.glob("*.png"):
+        frame.write_bytes(FRAME * 128)  # 1 MiB: one folder's frames are what a pass has to free
+    config = RetentionConfig(done_max_bytes="0", free_space_floor="0", folders_max_days=0.0)
+    disk = Disk(spool.root, config.free_space_floor, statvfs=FakeFs(spool.root, 10**12, 10**12))
+    total = make_retention(spool).spool.tally().done_bytes
+    config = attrs.evolve(config, done_max_bytes=str(total - 1))
+    retention = Retention(spool, config, disk, clock=lambda: now[0])
+    retention.measure()
+    with capture_logs() as logs:
+        retention.run_pass()
+    assert deletions(logs) == [("newer", "frames", "retention.done_max_bytes")]
+    late = filed(spool, "late", age_days=1.0 / DAY)  # its outcome was written a second ago; it entered done/ now
+    for frame in late.glob("*.png"):
+        frame.write_bytes(FRAME * 128)
+    with fsops.opened_dir(late) as folder:
+        spool.adjust_tally(done=1, done_bytes=usage(folder))
+    now[0] += 5
+    with capture_logs() as logs:
+        retention.run_pass()
+    assert deletions(logs) == [("late", "frames", "retention.done_max_bytes")]  # not the whole folder, unlooked at
 
 
 def test_a_pass_past_thousands_of_folders_without_frames_lists_done_a_few_times(

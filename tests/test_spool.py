@@ -788,6 +788,25 @@ def test_finish_writes_result_json_and_moves_to_done(spool: Spool) -> None:
     assert listing(spool.active) == []
 
 
+def test_a_folder_filed_into_done_is_dated_when_it_was_filed(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention's order is done/ folders' mtime: the one that enters done/ last must come last,
+    whenever its result.json was written."""
+    drop(spool, "s1")
+    claim = spool.claim("s1")
+    assert claim is not None
+    move = fsops.move_unique
+
+    def slow_move(src_dir: int, name: str, dst_dir: int, wanted: str) -> str:
+        long_ago = time.time() - 3600  # as if result.json had been written an hour before the move
+        os.utime(name, (long_ago, long_ago), dir_fd=src_dir)
+        return move(src_dir, name, dst_dir, wanted)
+
+    monkeypatch.setattr(fsops, "move_unique", slow_move)
+    before = time.time_ns()
+    done = spool.finish(claim, _result(claim))
+    assert done.stat().st_mtime_ns >= before - 10_000_000  # the filesystem's clock is coarser than time_ns()
+
+
 def test_finish_never_overwrites_a_done_folder(spool: Spool) -> None:
     paths = []
     for _ in range(3):
