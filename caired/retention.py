@@ -15,10 +15,12 @@ When, and in which order
     margin above the floor. Oldest is by the folder's mtime: the spool sets it as the folder
     enters ``done/``, while it still holds the folder, so a folder whose outcome was written
     before another's but that entered ``done/`` after it still comes after what a pass has
-    seen; deleting frames puts it back. Only when no folder of ``done/`` has frames left (but
-    those another process still holds) are whole folders, result.json included, deleted,
-    oldest first. On a much longer clock, folders older than ``folders_max_days`` go whole,
-    and frames older than ``frames_max_days`` go.
+    seen. Deleting frames puts it back, where caired may set a folder's times: a folder a
+    dropper owns (``deploy``'s shared group) cannot be, unless the service has CAP_FOWNER,
+    and is then dated at the deletion, for its order and ``folders_max_days``. Only when no
+    folder of ``done/`` has frames left (but those another process still holds) are whole
+    folders, result.json included, deleted, oldest first. On a much longer clock, folders
+    older than ``folders_max_days`` go whole, and frames older than ``frames_max_days`` go.
 
     Every deletion is one ``retention_deleted`` line: what (``frames`` or ``folder``), the
     path, the files and bytes freed, and why (the key that asked for it).
@@ -85,7 +87,11 @@ FLOOR_MARGIN: Final = 0.05  # and frees this share of the floor above it (also t
 BATCH: Final = 64  # folders of done/ held in memory by a pass's first listing
 MAX_BATCH: Final = 4096  # and by any later one (~0.5 MB)
 DAY: Final = 86400.0
-SETTLE_SECONDS: Final = 2.0  # the frames walk's place is never moved past folders filed this recently
+# The frames walk's place is never moved past folders filed this long before the listing
+# that found them began: the filesystem's clock is coarse, and on a network filesystem it
+# is the server's (a client clock more than this ahead of it lets a late folder be missed
+# until the next recount).
+SETTLE_SECONDS: Final = 2.0
 DELETED_PREFIX: Final = ".caired-deleted-"  # whole folders being removed, in tmp/
 
 
@@ -189,6 +195,7 @@ class Retention:
         self.disk = disk
         self._clock = clock
         self._frames_gone_to: tuple[int, str] = (-1, "")  # done/ folders up to this (mtime_ns, name) have no frames
+        self._listed_at = 0.0  # when the last listing of done/ began (this process's clock)
         self._exhausted = False
         self._failed_reported: tuple[int, int] | None = None
         self.next_age_check = 0.0
@@ -287,6 +294,7 @@ class Retention:
             size = min(size * 2, MAX_BATCH)
 
     def _oldest(self, after: tuple[int, str], size: int) -> list[tuple[int, str]]:
+        self._listed_at = self._clock()
         try:
             with fsops.opened_dir(self.spool.done) as done:
                 entries = os.scandir(done)
@@ -306,8 +314,8 @@ class Retention:
         """Frames of done/ folders, oldest first, while the budget or the floor (or their age) asks."""
         freed = 0
         passed_over = False
-        settled_ns = int((self._clock() - SETTLE_SECONDS) * 1e9)
         for batch in self._done_folders(self._frames_gone_to):
+            settled_ns = int((self._listed_at - SETTLE_SECONDS) * 1e9)  # what this listing cannot have missed
             for key in batch:
                 mtime_ns, name = key
                 aged = want.frames_before is not None and mtime_ns / 1e9 < want.frames_before

@@ -242,9 +242,11 @@ def test_a_folder_filed_late_behind_a_newer_one_still_loses_its_frames(spool: Sp
     with capture_logs() as logs:
         retention.run_pass()
     assert deletions(logs) == [("newer", "frames", "retention.done_max_bytes")]
-    late = filed(spool, "late", age_days=1.0 / DAY)  # its outcome was written a second ago; it entered done/ now
+    late = filed(spool, "late")  # its outcome was written before newer's; it entered done/ now
     for frame in late.glob("*.png"):
         frame.write_bytes(FRAME * 128)
+    older_ns = newer.stat().st_mtime_ns - 500_000_000
+    os.utime(late, ns=(older_ns, older_ns))
     with fsops.opened_dir(late) as folder:
         spool.adjust_tally(done=1, done_bytes=usage(folder))
     now[0] += 5

@@ -804,7 +804,7 @@ def test_a_folder_filed_into_done_is_dated_when_it_was_filed(spool: Spool, monke
     monkeypatch.setattr(fsops, "move_unique", slow_move)
     before = time.time_ns()
     done = spool.finish(claim, _result(claim))
-    assert done.stat().st_mtime_ns >= before - 10_000_000  # the filesystem's clock is coarser than time_ns()
+    assert done.stat().st_mtime_ns >= before - 1_000_000_000  # not an hour ago (the filesystem's clock is coarse)
 
 
 def test_finish_never_overwrites_a_done_folder(spool: Spool) -> None:
