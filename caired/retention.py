@@ -40,8 +40,8 @@ What it costs
     memory: ``BATCH`` of them, then twice as many each time it has to go on, up to
     ``MAX_BATCH``, each listing starting after the last folder looked at. After a restart,
     the first pass walks from the oldest folder, past every one whose frames are gone:
-    with 20,000 of them and 220 with frames over a 50M budget, that pass made 21 listings
-    and took 5.1 CPU s, where a listing per ``BATCH`` made 573 and took 33.7 s. Frames
+    with 20,000 of them and 220 with frames over a 50M budget, that pass made 20 listings
+    and took 5-6 CPU s, where a listing per ``BATCH`` made 573 and took 33.7 s. Frames
     already deleted are skipped by their folders' order, so a pass does not look into
     them again: the frames walk keeps its place between passes, but never past a folder
     another process still held or one filed less than ``SETTLE_SECONDS`` before the pass
@@ -285,11 +285,15 @@ class Retention:
 
         The first batch holds ``BATCH`` folders and each next one twice as many, up to
         ``MAX_BATCH``; each is one listing of done/, starting after the last folder of the
-        batch before, so every folder comes once, whatever its caller did with it.
+        batch before, so every folder comes once, whatever its caller did with it. A batch
+        short of its size was the rest of done/: no listing follows it (each ``lstat`` of a
+        listing lets go of the GIL and waits for it again, which under load is most of a pass).
         """
         size = BATCH
         while batch := self._oldest(after, size):
             yield batch
+            if len(batch) < size:
+                return
             after = batch[-1]
             size = min(size * 2, MAX_BATCH)
 
