@@ -195,7 +195,6 @@ class Retention:
         self.disk = disk
         self._clock = clock
         self._frames_gone_to: tuple[int, str] = (-1, "")  # done/ folders up to this (mtime_ns, name) have no frames
-        self._listed_at = 0.0  # when the last listing of done/ began (this process's clock)
         self._exhausted = False
         self._failed_reported: tuple[int, int] | None = None
         self.next_age_check = 0.0
@@ -280,8 +279,9 @@ class Retention:
         self.report_failed()
         return freed
 
-    def _done_folders(self, after: tuple[int, str] = (-1, "")) -> Iterator[list[tuple[int, str]]]:
-        """Folders of done/ filed after ``after``, oldest first: (mtime_ns, name), in batches.
+    def _done_folders(self, after: tuple[int, str] = (-1, "")) -> Iterator[tuple[float, list[tuple[int, str]]]]:
+        """Folders of done/ filed after ``after``, oldest first: (mtime_ns, name), in batches,
+        each with the time its listing began (this process's clock).
 
         The first batch holds ``BATCH`` folders and each next one twice as many, up to
         ``MAX_BATCH``; each is one listing of done/, starting after the last folder of the
@@ -290,15 +290,17 @@ class Retention:
         listing lets go of the GIL and waits for it again, which under load is most of a pass).
         """
         size = BATCH
-        while batch := self._oldest(after, size):
-            yield batch
+        while True:
+            listed_at = self._clock()
+            batch = self._oldest(after, size)
+            if batch:
+                yield listed_at, batch
             if len(batch) < size:
                 return
             after = batch[-1]
             size = min(size * 2, MAX_BATCH)
 
     def _oldest(self, after: tuple[int, str], size: int) -> list[tuple[int, str]]:
-        self._listed_at = self._clock()
         try:
             with fsops.opened_dir(self.spool.done) as done:
                 entries = os.scandir(done)
@@ -318,8 +320,8 @@ class Retention:
         """Frames of done/ folders, oldest first, while the budget or the floor (or their age) asks."""
         freed = 0
         passed_over = False
-        for batch in self._done_folders(self._frames_gone_to):
-            settled_ns = int((self._listed_at - SETTLE_SECONDS) * 1e9)  # what this listing cannot have missed
+        for listed_at, batch in self._done_folders(self._frames_gone_to):
+            settled_ns = int((listed_at - SETTLE_SECONDS) * 1e9)  # what this listing cannot have missed
             for key in batch:
                 mtime_ns, name = key
                 aged = want.frames_before is not None and mtime_ns / 1e9 < want.frames_before
@@ -358,7 +360,7 @@ class Retention:
     def _delete_folders(self, want: _Want) -> int:
         """Whole folders of done/, oldest first, while the budget or the floor still asks."""
         freed = 0
-        for batch in self._done_folders():
+        for _listed_at, batch in self._done_folders():
             for _mtime_ns, name in batch:
                 if not want.pressed:
                     return freed
@@ -371,7 +373,7 @@ class Retention:
     def _delete_old_folders(self, before: float) -> int:
         freed = 0
         why = f"retention.folders_max_days = {self.cfg.folders_max_days:g}"
-        for batch in self._done_folders():
+        for _listed_at, batch in self._done_folders():
             for mtime_ns, name in batch:
                 if mtime_ns / 1e9 >= before:
                     return freed
