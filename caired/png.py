@@ -53,7 +53,7 @@ _BIT_DEPTHS: Final = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 1
 # Colour types decode_common takes, at 8 bits: bytes per pixel, and the conversion OpenCV's
 # IMREAD_COLOR amounts to (grey repeated; RGBA's alpha dropped, not composited).
 _GREY, _RGB, _RGBA = 0, 2, 6
-_BYTES_PER_PIXEL: Final = {_GREY: 1, _RGB: 3, _RGBA: 4}
+_BYTES_PER_PIXEL: Final = {colour: spng.CHANNELS[colour] for colour in (_GREY, _RGB, _RGBA)}
 _NONE, _SUB = 0, 1
 _INFLATE_ERROR = cast(type[Exception], isal_zlib.error)  # its stub declares an instance
 _BLOCK_BYTES: Final = 256 * 1024  # rows unfiltered together, in the cache (see _undo_sub)

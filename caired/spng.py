@@ -170,7 +170,7 @@ class Scanlines(NamedTuple):
     channels: int
 
 
-_CHANNELS: Final = {0: 1, 2: 3, 4: 2, 6: 4}  # per colour type
+CHANNELS: Final = {0: 1, 2: 3, 4: 2, 6: 4}  # per colour type: grey, RGB, grey + alpha, RGBA
 _STORED_MAX: Final = 65535  # the most one stored deflate block holds
 _STORED_HEAD: Final = struct.Struct("<BHH")  # BFINAL and BTYPE 00, LEN, NLEN
 _ZLIB_HEAD: Final = b"\x78\x01"  # deflate with a 32 KB window, no dictionary (a multiple of 31)
@@ -187,7 +187,7 @@ def wrap_scanlines(rows: bytes, width: int, height: int, colour: int) -> Scanlin
     them. SpngError for data that does not fit one chunk (2 GB, past anything
     ``DECODER_PIXEL_LIMIT`` lets through).
     """
-    channels = _CHANNELS[colour]
+    channels = CHANNELS[colour]
     if len(rows) != height * (1 + width * channels):
         raise ValueError(f"{len(rows)} bytes are not {height} rows of {width} pixels")
     blocks = -(-len(rows) // _STORED_MAX)

@@ -127,13 +127,13 @@ def test_a_filter_byte_past_paeth_is_handed_on_and_refused_as_opencv_refuses_it(
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(sorted(spng._CHANNELS)), st.integers(1, 3), st.integers(1, 40_000), st.data())
+@given(st.sampled_from(sorted(spng.CHANNELS)), st.integers(1, 3), st.integers(1, 40_000), st.data())
 @example(colour=0, height=1, width=65_534, data=None)  # one row filling one stored block exactly
 @example(colour=0, height=2, width=65_534, data=None)  # two blocks exactly
 @example(colour=0, height=1, width=65_535, data=None)  # one byte into a second block
 def test_scanlines_are_wrapped_as_a_png_of_stored_deflate_blocks(colour: int, height: int, width: int,
                                                                data: st.DataObject | None) -> None:
-    channels = spng._CHANNELS[colour]
+    channels = spng.CHANNELS[colour]
     seed = data.draw(st.integers(0, 2**32 - 1)) if data is not None else 0
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, 256, height * (1 + width * channels), dtype=np.uint8)
