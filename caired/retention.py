@@ -36,16 +36,15 @@ What it costs
     ``done/`` bytes are measured once at start (a walk, in a worker thread, after READY),
     then kept: this process's outcomes add to them (``Spool.tally``), deletions take away,
     and a recount every ``RECOUNT_SECONDS`` picks up what other daemons sharing the spool
-    filed. A pass lists ``done/`` (an ``lstat`` per folder) and keeps only the oldest in
-    memory: ``BATCH`` of them, then twice as many each time it has to go on, up to
-    ``MAX_BATCH``, each listing starting after the last folder looked at. After a restart,
-    the first pass walks from the oldest folder, past every one whose frames are gone:
-    with 20,000 of them and 220 with frames over a 50M budget, that pass made 20 listings
-    and took 5-6 CPU s, where a listing per ``BATCH`` made 573 and took 33.7 s. Frames
-    already deleted are skipped by their folders' order, so a pass does not look into
-    them again: the frames walk keeps its place between passes, but never past a folder
-    another process still held or one filed less than ``SETTLE_SECONDS`` before the pass
-    (the mtime's granularity), which the next pass looks at again.
+    filed. The order of ``done/`` is kept in memory too (``done_order.py``): the spool
+    tells it each folder it files, and ``done/`` is listed (an ``lstat`` per folder) only
+    at the first pass and every ``done_order.RESCAN_SECONDS`` after, for what others filed
+    or removed. A pass that listed ``done/`` each time took seconds under load, and at ~55
+    sessions/s fell behind what was filed. Frames already deleted are skipped by their
+    folders' order, so a pass does not look into them again: the frames walk keeps its
+    place between passes, but never past a folder another process still held (the next
+    pass looks at it again), and a folder that comes into the order behind that place
+    moves it back.
 
 Low disk
     ``Disk`` is the filesystem's state against the floor. Below it, camera sessions still
@@ -58,14 +57,12 @@ Low disk
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import secrets
 import shutil
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -74,6 +71,7 @@ import trio
 
 from caired import fsops
 from caired.config import Amount, RetentionConfig
+from caired.done_order import FIRST, Key
 from caired.fsops import shown
 from caired.spool import FRAME_SUFFIXES, LOCK_FILE, Spool, delete_frames, usage
 
@@ -84,14 +82,7 @@ AGE_SECONDS: Final = 3600.0  # how often folders and frames are checked for age
 RECOUNT_SECONDS: Final = 6 * 3600.0  # how often done/ and failed/ are measured again
 LOW_WATER: Final = 0.9  # a pass over the budget deletes down to this share of it
 FLOOR_MARGIN: Final = 0.05  # and frees this share of the floor above it (also to leave the low state)
-BATCH: Final = 64  # folders of done/ held in memory by a pass's first listing
-MAX_BATCH: Final = 4096  # and by any later one (~0.5 MB)
 DAY: Final = 86400.0
-# The frames walk's place is never moved past folders filed this long before the listing
-# that found them began: the filesystem's clock is coarse, and on a network filesystem it
-# is the server's (a client clock more than this ahead of it lets a late folder be missed
-# until the next recount).
-SETTLE_SECONDS: Final = 2.0
 DELETED_PREFIX: Final = ".caired-deleted-"  # whole folders being removed, in tmp/
 
 
@@ -194,7 +185,6 @@ class Retention:
         self.cfg = cfg
         self.disk = disk
         self._clock = clock
-        self._frames_gone_to: tuple[int, str] = (-1, "")  # done/ folders up to this (mtime_ns, name) have no frames
         self._exhausted = False
         self._failed_reported: tuple[int, int] | None = None
         self.next_age_check = 0.0
@@ -208,7 +198,7 @@ class Retention:
         self.spool.count_folders()
         sizes = [self._measure(which) for which in ("done", "failed")]
         self.spool.set_bytes(done=sizes[0], failed=sizes[1])
-        self._frames_gone_to = (-1, "")  # other processes may have filed folders with frames
+        self.spool.done_order.frames_gone_to = FIRST  # frames that could not be deleted are tried again
         self.report_failed()
 
     def _measure(self, which: str) -> int:
@@ -243,6 +233,7 @@ class Retention:
         """Compare with the budget and the floor, and delete what they ask for; returns bytes freed."""
         now = self._clock()
         self._remove_leftovers()
+        self.spool.done_order.take_in()
         self.disk.check()
         space = self.disk.space
         want = _Want()
@@ -257,7 +248,7 @@ class Retention:
             self.next_age_check = now + AGE_SECONDS
             if self.cfg.frames_max_days > 0:
                 want.frames_before = now - self.cfg.frames_max_days * DAY
-                self._frames_gone_to = (-1, "")  # an age check looks at every folder once
+                self.spool.done_order.frames_gone_to = FIRST  # an age check looks at every folder once
             if self.cfg.folders_max_days > 0:
                 want.folders_before = now - self.cfg.folders_max_days * DAY
         freed = 0
@@ -279,75 +270,39 @@ class Retention:
         self.report_failed()
         return freed
 
-    def _done_folders(self, after: tuple[int, str] = (-1, "")) -> Iterator[tuple[float, list[tuple[int, str]]]]:
-        """Folders of done/ filed after ``after``, oldest first: (mtime_ns, name), in batches,
-        each with the time its listing began (this process's clock).
-
-        The first batch holds ``BATCH`` folders and each next one twice as many, up to
-        ``MAX_BATCH``; each is one listing of done/, starting after the last folder of the
-        batch before, so every folder comes once, whatever its caller did with it. A batch
-        short of its size was the rest of done/: no listing follows it (each ``lstat`` of a
-        listing lets go of the GIL and waits for it again, which under load is most of a pass).
-        """
-        size = BATCH
-        while True:
-            listed_at = self._clock()
-            batch = self._oldest(after, size)
-            if batch:
-                yield listed_at, batch
-            if len(batch) < size:
-                return
-            after = batch[-1]
-            size = min(size * 2, MAX_BATCH)
-
-    def _oldest(self, after: tuple[int, str], size: int) -> list[tuple[int, str]]:
-        try:
-            with fsops.opened_dir(self.spool.done) as done:
-                entries = os.scandir(done)
-                candidates = (
-                    (st.st_mtime_ns, e.name)
-                    for e in entries
-                    if not e.name.startswith(".")
-                    for st in _lstat(e)
-                    if stat.S_ISDIR(st.st_mode) and (st.st_mtime_ns, e.name) > after
-                )
-                return heapq.nsmallest(size, candidates)
-        except OSError as exc:
-            log.warning("retention_scan_failed", path=str(self.spool.done), reason=exc.strerror or str(exc))
-            return []
-
     def _delete_frames(self, want: _Want) -> int:
         """Frames of done/ folders, oldest first, while the budget or the floor (or their age) asks."""
+        order = self.spool.done_order
         freed = 0
         passed_over = False
-        for listed_at, batch in self._done_folders(self._frames_gone_to):
-            settled_ns = int((listed_at - SETTLE_SECONDS) * 1e9)  # what this listing cannot have missed
-            for key in batch:
-                mtime_ns, name = key
-                aged = want.frames_before is not None and mtime_ns / 1e9 < want.frames_before
-                if not (want.pressed or aged):
-                    return freed
-                why = (want.why(self.cfg) if want.pressed
-                       else f"retention.frames_max_days = {self.cfg.frames_max_days:g}")
-                gone = self._delete_frames_of(name, why)
-                if gone is None:  # held by another process: not filed yet; a later pass starts here again
-                    passed_over = True
-                    continue
-                freed += gone
-                want.took(gone)
-                passed_over = passed_over or mtime_ns > settled_ns
-                if not passed_over:
-                    self._frames_gone_to = key
+        for key in order.walk(order.frames_gone_to):
+            mtime_ns = key[0]
+            aged = want.frames_before is not None and mtime_ns / 1e9 < want.frames_before
+            if not (want.pressed or aged):
+                return freed
+            why = (want.why(self.cfg) if want.pressed
+                   else f"retention.frames_max_days = {self.cfg.frames_max_days:g}")
+            gone = self._delete_frames_of(key, why)
+            if gone is None:  # held by another process: not filed yet; a later pass starts here again
+                passed_over = True
+                continue
+            freed += gone
+            want.took(gone)
+            if not passed_over:
+                order.frames_gone_to = key
         return freed
 
-    def _delete_frames_of(self, name: str, why: str) -> int | None:
+    def _delete_frames_of(self, key: Key, why: str) -> int | None:
+        name = key[1]
         try:
             with fsops.opened_dir(self.spool.done) as done, fsops.opened_dir(name, dir_fd=done) as folder:
                 if fsops.lock_is_held(folder, LOCK_FILE):
                     return None
                 files, freed = delete_frames(folder)
         except OSError as exc:
-            if exc.errno not in fsops.GONE:
+            if exc.errno in fsops.GONE:
+                self.spool.done_order.forget(key)
+            else:
                 log.warning("retention_failed", what="frames", path=shown(str(self.spool.done / name)),
                             reason=exc.strerror or str(exc))
             return 0
@@ -360,28 +315,27 @@ class Retention:
     def _delete_folders(self, want: _Want) -> int:
         """Whole folders of done/, oldest first, while the budget or the floor still asks."""
         freed = 0
-        for _listed_at, batch in self._done_folders():
-            for _mtime_ns, name in batch:
-                if not want.pressed:
-                    return freed
-                gone = self._delete_folder(name, want.why(self.cfg))
-                if gone is not None:  # None: held by another process, or it could not go; the next pass tries again
-                    freed += gone
-                    want.took(gone)
+        for key in self.spool.done_order.walk():
+            if not want.pressed:
+                return freed
+            gone = self._delete_folder(key, want.why(self.cfg))
+            if gone is not None:  # None: held by another process, or it could not go; the next pass tries again
+                freed += gone
+                want.took(gone)
         return freed
 
     def _delete_old_folders(self, before: float) -> int:
         freed = 0
         why = f"retention.folders_max_days = {self.cfg.folders_max_days:g}"
-        for _listed_at, batch in self._done_folders():
-            for mtime_ns, name in batch:
-                if mtime_ns / 1e9 >= before:
-                    return freed
-                freed += self._delete_folder(name, why) or 0
+        for key in self.spool.done_order.walk():
+            if key[0] / 1e9 >= before:
+                return freed
+            freed += self._delete_folder(key, why) or 0
         return freed
 
-    def _delete_folder(self, name: str, why: str) -> int | None:
+    def _delete_folder(self, key: Key, why: str) -> int | None:
         """Move done/<name> to tmp/ and remove it there; bytes freed, None when it was not deleted."""
+        name = key[1]
         staging = f"{DELETED_PREFIX}{secrets.token_hex(8)}"
         path = shown(str(self.spool.done / name))
         try:
@@ -394,10 +348,13 @@ class Retention:
                     if not fsops.same_inode(folder, name, dir_fd=done):
                         return None
                     fsops.rename_noreplace(done, name, tmp, staging)
+                self.spool.done_order.forget(key)
                 self.spool.adjust_tally(done=-1, done_bytes=-size)
                 shutil.rmtree(staging, dir_fd=tmp, ignore_errors=True)
         except OSError as exc:
-            if exc.errno not in fsops.GONE:
+            if exc.errno in fsops.GONE:
+                self.spool.done_order.forget(key)
+            else:
                 log.warning("retention_failed", what="folder", path=path, reason=exc.strerror or str(exc))
             return None
         log.info("retention_deleted", what="folder", path=path, files=frames, bytes=size, why=why)
@@ -409,13 +366,6 @@ class Retention:
             for entry in os.scandir(tmp):
                 if entry.name.startswith(DELETED_PREFIX) and entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.name, dir_fd=tmp, ignore_errors=True)
-
-
-def _lstat(entry: os.DirEntry[str]) -> tuple[os.stat_result, ...]:
-    try:
-        return (entry.stat(follow_symlinks=False),)
-    except OSError:
-        return ()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ from caired.claim import now_iso
 from caired.claim import spool_error as _spool_error
 from caired.claim import validate_session as validate_session
 from caired.config import SpoolConfig
+from caired.done_order import DoneOrder
 from caired.errors import LocksRefused, SpoolError
 from caired.fsops import GONE, shown
 from caired.settle import HOLD_MARKER as HOLD_MARKER
@@ -281,6 +282,7 @@ class Spool:
         self._held: set[tuple[int, int]] = set()  # inodes of this process's claims
         self._unrecovered: dict[str, str] = {}  # folders of active/ recover() could not move: why
         self._tally = Tally()
+        self.done_order = DoneOrder(self.done, clock=clock)  # what this process files in done/, in order
 
     @classmethod
     def from_config(cls, cfg: SpoolConfig, *, keep_camera_frames: bool = True) -> Spool:
@@ -768,6 +770,9 @@ class Spool:
             with contextlib.suppress(OSError):  # filed now: retention's order is the folders' mtime (see there)
                 os.utime(claim.dir_fd)
         deleted = self._delete_frames(claim) if to == "done" and not self._keeps_frames(claim) else 0
+        if to == "done":
+            with contextlib.suppress(OSError):
+                self.done_order.filed(os.fstat(claim.dir_fd).st_mtime_ns, claim.folder)
         size = usage(claim.dir_fd)
         with self._lock:
             if to == "done":

@@ -6,15 +6,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import attrs
 import pytest
 import trio
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
@@ -22,6 +25,7 @@ from caired import fsops
 from caired import retention as retention_module
 from caired.config import Amount, RetentionConfig
 from caired.daemon import disk_status, serve
+from caired.done_order import KEPT, RESCAN_SECONDS, DoneOrder, Key
 from caired.errors import SpoolError
 from caired.lifecycle import Context
 from caired.retention import DELETED_PREFIX, Disk, Retention, serve_retention
@@ -203,7 +207,7 @@ def test_a_done_folder_still_locked_is_left_alone(spool: Spool, monkeypatch: pyt
         assert not other.exists()
     finally:
         os.close(fd)
-    assert listings == [64, 64]  # frames, then folders: one listing each, both short of a batch
+    assert listings == [KEPT]  # the pass's one listing: the first, done/ as it is
     retention.run_pass()
     assert not busy.exists()  # let go: the next pass takes it
 
@@ -227,37 +231,75 @@ def test_a_folder_passed_over_while_held_keeps_its_place_in_the_order(spool: Spo
 
 
 def test_a_folder_filed_late_behind_a_newer_one_still_loses_its_frames(spool: Spool) -> None:
-    """Two sessions end together: the one whose outcome was written second enters done/ first,
-    and a pass runs between the two moves. The walk's place must not pass the newer folder yet."""
-    now = [time.time()]
+    """Two sessions end together: the one dated first enters done/'s order second, and a pass
+    runs between the two. The walk's place must go back before the late one."""
     newer = filed(spool, "newer", age_days=0.5 / DAY)  # filed half a second ago
     for frame in newer.glob("*.png"):
         frame.write_bytes(FRAME * 128)  # 1 MiB: one folder's frames are what a pass has to free
-    config = RetentionConfig(done_max_bytes="0", free_space_floor="0", folders_max_days=0.0)
-    disk = Disk(spool.root, config.free_space_floor, statvfs=FakeFs(spool.root, 10**12, 10**12))
     total = make_retention(spool).spool.tally().done_bytes
-    config = attrs.evolve(config, done_max_bytes=str(total - 1))
-    retention = Retention(spool, config, disk, clock=lambda: now[0])
-    retention.measure()
+    retention = make_retention(spool, done_max_bytes=str(total - 1))
     with capture_logs() as logs:
         retention.run_pass()
     assert deletions(logs) == [("newer", "frames", "retention.done_max_bytes")]
-    late = filed(spool, "late")  # its outcome was written before newer's; it entered done/ now
+    late = filed(spool, "late")  # dated before newer, but it comes in now
     for frame in late.glob("*.png"):
         frame.write_bytes(FRAME * 128)
     older_ns = newer.stat().st_mtime_ns - 500_000_000
     os.utime(late, ns=(older_ns, older_ns))
     with fsops.opened_dir(late) as folder:
         spool.adjust_tally(done=1, done_bytes=usage(folder))
-    now[0] += 5
+    spool.done_order.filed(older_ns, "late")  # as the spool tells it
     with capture_logs() as logs:
         retention.run_pass()
     assert deletions(logs) == [("late", "frames", "retention.done_max_bytes")]  # not the whole folder, unlooked at
 
 
-def test_a_pass_past_thousands_of_folders_without_frames_lists_done_a_few_times(
+def test_what_this_process_files_is_deleted_in_order_without_listing_done_again(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # After a restart the first pass walks from the oldest folder: here 1,500 whose frames went long ago.
+    retention = make_retention(spool, done_max_bytes="1")
+    retention.run_pass()  # the first pass lists done/ (empty)
+    listings = count_listings(monkeypatch)
+    for name in ("first", "second", "third"):
+        drop(spool, name)
+        claim = spool.claim(name)
+        assert claim is not None
+        spool.finish(claim, {"hr": 60.0})
+    with capture_logs() as logs:
+        retention.run_pass()
+    assert listings == []
+    assert deletions(logs) == [(name, what, "retention.done_max_bytes")
+                               for what in ("frames", "folder") for name in ("first", "second", "third")]
+    assert listing(spool.done) == [] and len(spool.done_order) == 0
+
+
+def test_what_others_file_or_remove_is_seen_at_the_next_listing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [time.time()]
+    order = spool.done_order = DoneOrder(spool.done, clock=lambda: now[0])
+    ours = filed(spool, "ours", age_days=1)
+    gone = filed(spool, "removed-by-a-person", age_days=2)
+    retention = make_retention(spool, done_max_bytes="1000000000")
+    retention.run_pass()
+    assert list(order.walk()) == [(gone.stat().st_mtime_ns, gone.name), (ours.stat().st_mtime_ns, ours.name)]
+    order.frames_gone_to = (ours.stat().st_mtime_ns, ours.name)  # as if a pass had deleted their frames
+    shutil.rmtree(gone)
+    theirs = filed(spool, "theirs", age_days=3)  # another daemon files an older folder with frames
+    listings = count_listings(monkeypatch)
+    now[0] += retention_module.CHECK_SECONDS
+    retention.run_pass()
+    assert listings == [] and [name for _, name in order.walk()] == ["removed-by-a-person", "ours"]
+    now[0] += RESCAN_SECONDS
+    retention.run_pass()
+    assert listings == [KEPT]
+    assert [name for _, name in order.walk()] == ["theirs", "ours"]
+    assert order.frames_gone_to < (theirs.stat().st_mtime_ns, theirs.name)  # the walk's place went back before it
+    assert pngs(theirs) == 4
+
+
+def test_past_the_folders_kept_in_order_a_pass_lists_done_in_growing_batches(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # After a restart the first pass walks from the oldest folder: here 1,500 whose frames went
+    # long ago, and the order keeps only the oldest 100.
+    spool.done_order = DoneOrder(spool.done, kept=100)
     for i in range(1500):
         folder = spool.done / f"old{i:04d}"
         folder.mkdir()
@@ -273,21 +315,102 @@ def test_a_pass_past_thousands_of_folders_without_frames_lists_done_a_few_times(
     retention.run_pass()
     assert [pngs(f) for f in newest] == [0, 4, 4]  # only the oldest frames went, and no folder
     assert spool.counts()["done"] == 1503
-    # batches of 64, 128, 256, 512 and 1,024 reach the first folder with frames; one per 64 took 24 listings
-    assert listings == [64, 128, 256, 512, 1024]
+    assert len(spool.done_order) == 100
+    # the order kept, then batches of 64, 128, 256, 512 and 1,024 reach the first folder with frames
+    assert listings == [100, 64, 128, 256, 512, 1024]
+
+
+def test_the_order_kept_is_bounded_however_much_is_filed(tmp_path: Path) -> None:
+    order = DoneOrder(tmp_path, kept=50)
+    order.take_in()  # listed: done/ is empty
+    names = [f"f{i:03d}" for i in range(200)]
+    for i, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, ns=(i * 10**9, i * 10**9))
+        order.filed(i * 10**9, name)
+        if i % 30 == 29:
+            order.take_in()
+    order.take_in()
+    assert len(order) == 50
+    assert [name for _, name in order.walk()] == names  # the oldest 50 kept; the walk lists the rest
+
+
+class _Filings:
+    """done/ on disk and what a frames walk did to it, against a DoneOrder that keeps a few."""
+
+    def __init__(self, done: Path, kept: int) -> None:
+        self.done = done
+        self.order = DoneOrder(done, kept=kept)
+        self.on_disk: dict[Key, bool] = {}  # key: whether its frames are still there
+        self.filings = 0
+        self.order.take_in()
+
+    def file(self, mtime: int) -> None:
+        name = f"f{self.filings:04d}"
+        self.filings += 1
+        (self.done / name).mkdir()
+        os.utime(self.done / name, ns=(mtime, mtime))
+        self.on_disk[(mtime, name)] = True
+        self.order.filed(mtime, name)
+
+    def remove(self, which: int) -> None:
+        if self.on_disk:
+            key = sorted(self.on_disk)[which % len(self.on_disk)]
+            (self.done / key[1]).rmdir()
+            del self.on_disk[key]
+            self.order.forget(key)
+
+    def walk_frames(self, steps: int) -> None:
+        for key, _ in zip(self.order.walk(self.order.frames_gone_to), range(steps), strict=False):
+            if key in self.on_disk:
+                self.on_disk[key] = False
+            self.order.frames_gone_to = key
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(kept=1, steps=[("file", 0), ("file", 1), ("walk", 2), ("file", 0)])  # filed late, past what is kept
+@given(kept=st.integers(1, 6), steps=st.lists(st.one_of(
+    st.tuples(st.just("file"), st.integers(0, 40)),
+    st.tuples(st.just("take_in"), st.just(0)),
+    st.tuples(st.just("walk"), st.integers(1, 8)),
+    st.tuples(st.just("remove"), st.integers(0, 100)),
+    st.tuples(st.just("rescan"), st.just(0)),
+), max_size=40))
+def test_the_order_walks_every_folder_once_oldest_first_and_never_skips_frames(
+        tmp_path: Path, kept: int, steps: list[tuple[str, int]]) -> None:
+    done = tmp_path / secrets.token_hex(4)
+    done.mkdir()
+    model = _Filings(done, kept)
+    for op, arg in steps:
+        if op == "file":
+            model.file(arg)  # out of order on purpose: late filings, equal mtimes
+        elif op == "take_in":
+            model.order.take_in()
+        elif op == "walk":
+            model.order.take_in()  # as a pass does, first
+            model.walk_frames(arg)
+        elif op == "remove":
+            model.remove(arg)
+        else:
+            model.order.rescan()
+        model.order.take_in()
+        assert list(model.order.walk()) == sorted(model.on_disk)
+        assert len(model.order) <= kept
+        with_frames = [key for key, frames in model.on_disk.items() if frames]
+        assert all(key > model.order.frames_gone_to for key in with_frames)
 
 
 def count_listings(monkeypatch: pytest.MonkeyPatch, *, give_up_after: int = 1000) -> list[int]:
-    """The size asked of each listing of done/ a pass makes from now on (failing past ``give_up_after``)."""
+    """The size asked of each listing of done/ from now on (failing past ``give_up_after``)."""
     sizes: list[int] = []
-    oldest = Retention._oldest
+    list_done = DoneOrder._list
 
-    def counted(self: Retention, after: tuple[int, str], size: int) -> list[tuple[int, str]]:
+    def counted(self: DoneOrder, after: Key, size: int) -> list[Key] | None:
         sizes.append(size)
         assert len(sizes) <= give_up_after, "the pass keeps listing done/"
-        return oldest(self, after, size)
+        return list_done(self, after, size)
 
-    monkeypatch.setattr(Retention, "_oldest", counted)
+    monkeypatch.setattr(DoneOrder, "_list", counted)
     return sizes
 
 
