@@ -36,7 +36,8 @@ What it costs
     ``done/`` bytes are measured once at start (a walk, in a worker thread, after READY),
     then kept: this process's outcomes add to them (``Spool.tally``), deletions take away,
     and a recount every ``RECOUNT_SECONDS`` picks up what other daemons sharing the spool
-    filed. The order of ``done/`` is kept in memory too (``done_order.py``): the spool
+    filed. The order of ``done/`` is kept in memory too (``done_order.py``, at most 16,384
+    folders: past that its oldest and its newest, and a gap that walks list): the spool
     tells it each folder it files, and ``done/`` is listed (an ``lstat`` per folder) only
     at the first pass and every ``done_order.RESCAN_SECONDS`` after, for what others filed
     or removed. A pass that listed ``done/`` each time took seconds under load, and at ~55
@@ -299,6 +300,7 @@ class Retention:
                 if fsops.lock_is_held(folder, LOCK_FILE):
                     return None
                 files, freed = delete_frames(folder)
+                mtime_ns = os.fstat(folder).st_mtime_ns if files else key[0]
         except OSError as exc:
             if exc.errno in fsops.GONE:
                 self.spool.done_order.forget(key)
@@ -306,6 +308,8 @@ class Retention:
                 log.warning("retention_failed", what="frames", path=shown(str(self.spool.done / name)),
                             reason=exc.strerror or str(exc))
             return 0
+        if mtime_ns != key[0]:  # a dropper's folder, whose time caired may not put back
+            self.spool.done_order.redate(key, mtime_ns)
         if files:
             self.spool.adjust_tally(done_bytes=-freed)
             log.info("retention_deleted", what="frames", path=shown(str(self.spool.done / name)), files=files,
