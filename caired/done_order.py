@@ -10,21 +10,23 @@ sessions/s retention fell behind what was filed. ``DoneOrder`` keeps the order i
   at the start of each pass.
 * **Everything else** (what was there at start, what other daemons sharing the spool file,
   what a person removes) comes from a listing: the first at the first pass, then one
-  every ``RESCAN_SECONDS`` (``rescan``), merged with what is known. A listing that fails
-  is tried again at the next pass; nothing filed meanwhile is lost.
-* **Memory is bounded**: at most ``KEPT`` folders. When done/ holds more, the order keeps
-  the oldest (where whole folders are deleted) and the newest (where the frames walk
-  works) and leaves a gap between them; a walk lists the gap in batches (from ``BATCH``
-  to ``MAX_BATCH``, each starting after the last folder seen), and when deletions have
-  used up the oldest, the next ones are listed from the gap in one go.
+  every ``RESCAN_SECONDS`` (``rescan``). A listing that fails is tried again at the next
+  pass; nothing filed meanwhile is lost.
+* **Memory is bounded**: the order holds at most ``KEPT`` folders. When done/ holds more,
+  it steps aside, and each walk lists done/ as retention did before it: in batches from
+  ``BATCH`` to ``MAX_BATCH``, each starting after the last folder seen. A rescan that
+  finds done/ back under half of ``KEPT`` takes the order up again.
 
 The order is (mtime_ns, name). It also keeps the frames walk's place (``frames_gone_to``:
-no folder up to it has frames): a folder that comes in behind that place (filed late by
-this process, or found new by a rescan) moves the place back before it, so its frames are
-never skipped. One limit: a folder another process files with an mtime that falls in the
-gap is listed by walks, but the rescan cannot tell it is new; if the walk's place is
-already past it, its frames wait for the place to be reset (``Retention.measure``, every
-6 hours).
+no folder up to it has frames). A folder can come in behind that place: this process's,
+filed a moment after another it dated later (two sessions ending together), or another
+daemon's, which only a rescan brings in. The place then goes back before it, so its
+frames are never skipped: before the earliest of this process's filings since the last
+pass, and before the earliest folder a rescan finds that it did not know and that was
+dated after the listing before it began (less ``SETTLE_SECONDS``). When walks list done/,
+each listed folder says whether the place may pass it: not if it was dated less than
+``SETTLE_SECONDS`` before the listing began, as it may have come in late (the next pass
+looks at it again).
 
 Not thread-safe but for ``filed``: everything else belongs to the retention thread.
 """
@@ -51,43 +53,47 @@ log = structlog.get_logger()
 Key = tuple[int, str]  # (mtime_ns, name) of a folder of done/
 
 FIRST: Final[Key] = (-1, "")  # before every folder
-KEPT: Final = 16384  # folders of done/ kept in order (~2.5 MB)
-BATCH: Final = 64  # folders of the gap held by a walk's first listing of it
+KEPT: Final = 32768  # folders of done/ held in order (~5 MB)
+BATCH: Final = 64  # folders held by a walk's first listing of done/, when the order stands aside
 MAX_BATCH: Final = 4096  # and by any later one (~0.5 MB)
 RESCAN_SECONDS: Final = 600.0  # how often done/ is listed again, for what others filed or removed
+# A folder dated this long before a listing began cannot have come in after it: the
+# filesystem's clock is coarse, and on a network filesystem it is the server's.
+SETTLE_SECONDS: Final = 2.0
 
 
 class DoneOrder:
     def __init__(self, done: Path | str, *, kept: int = KEPT, clock: Callable[[], float] = time.time) -> None:
-        if kept < 2:
-            raise ValueError("a done/ order keeps at least 2 folders")
         self.done = Path(done)
         self.kept = kept
         self._clock = clock
-        self._keys: list[Key] = []  # oldest first
-        # None: every folder of done/ is in _keys. (lo, hi): those up to lo and from hi on are;
-        # those strictly between are not.
-        self._gap: tuple[Key, Key] | None = None
+        self._keys: list[Key] | None = None  # oldest first; None: not listed yet, or done/ holds too many
         self.frames_gone_to: Key = FIRST  # no folder up to this key has frames
-        self.listed_at: float | None = None  # when the last listing of all done/ began (None: never)
+        self.listed_at: float | None = None  # when the last rescan began (None: never)
         self._lock = threading.Lock()
-        self._news: collections.deque[Key] = collections.deque(maxlen=kept)
+        self._news: collections.deque[Key] = collections.deque(maxlen=max(1, kept))
         self._news_lost = False  # more were filed than kept between two passes: list again
         self._news_earliest: Key | None = None  # the oldest filed since the last take_in, kept or not
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys or ())
+
+    @property
+    def kept_in_memory(self) -> bool:
+        """False while walks list done/ (not listed yet, or it holds more than the order keeps)."""
+        return self._keys is not None
 
     # -- the spool's side --------------------------------------------------------------------------
 
     def filed(self, mtime_ns: int, name: str) -> None:
         """This process filed ``name`` in done/ (any thread)."""
+        key = (mtime_ns, name)
         with self._lock:
             if len(self._news) == self._news.maxlen:
                 self._news_lost = True
-            self._news.append((mtime_ns, name))
-            if self._news_earliest is None or (mtime_ns, name) < self._news_earliest:
-                self._news_earliest = (mtime_ns, name)
+            self._news.append(key)
+            if self._news_earliest is None or key < self._news_earliest:
+                self._news_earliest = key
 
     # -- retention's side --------------------------------------------------------------------------
 
@@ -98,149 +104,109 @@ class DoneOrder:
             news, lost, earliest = list(self._news), self._news_lost, self._news_earliest
             self._news.clear()
             self._news_lost, self._news_earliest = False, None
-        if earliest is not None and earliest <= self.frames_gone_to:  # filed late, kept or not
+        if earliest is not None:  # filed late, kept or not
             self._move_place_before(earliest)
         due = lost or self.listed_at is None or self._clock() - self.listed_at >= RESCAN_SECONDS
         if due and self.rescan():
-            return  # what was filed before the listing began is in it (or in its gap)
-        if due:
+            return  # what was filed before the listing began is in it
+        if due and lost:
             with self._lock:
-                self._news_lost = self._news_lost or lost  # still to be listed, at the next pass
+                self._news_lost = True  # still to be listed, at the next pass
+        if self._keys is None:
+            return  # walks list done/: the news are there
         for key in news:
             self._insert(key)
-        self._trim()
-        self._fill_oldest()
+        if len(self._keys) > self.kept and not self.rescan():  # it steps aside, after telling what is new
+            with self._lock:
+                self._news_lost = True  # over the bound until a listing succeeds
 
     def rescan(self) -> bool:
-        """List done/ and make the order what it found; a folder new to it that comes before the
-        frames walk's place moves that place back. False if done/ could not be listed."""
+        """List done/ and make the order what it found (or step aside if done/ holds too many);
+        False if done/ could not be listed. A folder it did not know, dated after the listing
+        before began, that comes before the frames walk's place moves that place back."""
         started = self._clock()
-        found = self._list(FIRST, self.kept + 1)
-        gap: tuple[Key, Key] | None = None
-        if found is not None and len(found) > self.kept:
-            half = self.kept // 2
-            newest = self._list_newest(self.kept - half)
-            if newest is None:
-                found = None
-            elif newest[0] > found[half - 1]:
-                found, gap = found[:half] + newest, (found[half - 1], newest[0])
-            else:  # done/ shrank between the two listings: together they hold all of it
-                found = sorted(set(found) | set(newest))
-        if found is None:
+        known = set(self._keys) if self._keys is not None else None
+        since_ns = int((self.listed_at - SETTLE_SECONDS) * 1e9) if self.listed_at is not None else None
+        earliest_new: Key | None = None
+
+        def looked_at(done: int) -> Iterator[Key]:
+            nonlocal earliest_new
+            for key in self._candidates(done, FIRST):
+                if (known is not None and since_ns is not None and key[0] >= since_ns
+                        and key <= self.frames_gone_to and key not in known
+                        and (earliest_new is None or key < earliest_new)):
+                    earliest_new = key
+                yield key
+
+        try:
+            with fsops.opened_dir(self.done) as done:
+                found = heapq.nsmallest(self.kept + 1, looked_at(done))
+        except OSError as exc:
+            log.warning("retention_scan_failed", path=str(self.done), reason=exc.strerror or str(exc))
             return False
-        known, known_gap = set(self._keys), self._gap
-        self._keys, self._gap, self.listed_at = found, gap, started
-        new_behind = [key for key in found if key <= self.frames_gone_to and key not in known
-                      and not (known_gap is not None and known_gap[0] < key < known_gap[1])]
-        if new_behind:
-            self._move_place_before(new_behind[0])
+        if earliest_new is not None:
+            self._move_place_before(earliest_new)
+        limit = self.kept if self._keys is not None else self.kept // 2  # so that it does not flap at the bound
+        self._keys = found if len(found) <= limit else None
+        self.listed_at = started
         return True
 
     def forget(self, key: Key) -> None:
         """The folder is gone from done/."""
+        if self._keys is None:
+            return
         i = bisect.bisect_left(self._keys, key)
         if i < len(self._keys) and self._keys[i] == key:
             del self._keys[i]
 
     def redate(self, key: Key, mtime_ns: int) -> None:
         """The folder's frames were deleted and its mtime could not be put back: it is dated now
-        (without frames, so the walk's place stays). A walk may be going on, so the order is
-        not trimmed here but at the next ``take_in``: until then it may hold a pass's worth
-        of such folders more than ``kept``."""
+        (without frames, so the walk's place stays). With the order full, the next rescan
+        brings it in."""
         self.forget(key)
-        self._insert((mtime_ns, key[1]), trim=False)
+        if self._keys is not None and len(self._keys) < self.kept:
+            self._insert((mtime_ns, key[1]))
 
-    def walk(self, after: Key = FIRST) -> Iterator[Key]:
-        """The folders of done/ after ``after``, oldest first: those kept, and listings of the gap
-        between them. What the caller does to the order as it goes (``forget``, ``redate``)
-        does not disturb the walk: the gap moves only in ``take_in``."""
-        gap = self._gap
-        if gap is None:
-            yield from self._kept_after(after)
-            return
-        lo, hi = gap
-        yield from self._kept_after(after, upto=lo)
-        last = max(after, lo)
-        if last < hi:
-            size = BATCH
+    def walk(self, after: Key = FIRST) -> Iterator[tuple[Key, bool]]:
+        """The folders of done/ after ``after``, oldest first, each with whether the frames walk's
+        place may pass it. Only folders already in order when it starts: what the caller does
+        as it goes (``forget``, ``redate``) does not disturb it."""
+        keys = self._keys
+        if keys is not None:
+            if not keys:
+                return
+            last, end = after, keys[-1]
             while True:
-                batch = self._list(last, size, below=hi) or []
-                yield from batch
-                if len(batch) < size:  # the rest of the gap: no listing after it
-                    break
-                last = batch[-1]
-                size = min(size * 2, MAX_BATCH)
-        yield from self._kept_after(max(after, lo))
+                i = bisect.bisect_right(keys, last)
+                if i >= len(keys) or keys[i] > end:
+                    return
+                last = keys[i]
+                yield last, True
+        size = BATCH
+        while True:
+            settled_ns = int((self._clock() - SETTLE_SECONDS) * 1e9)  # what this listing cannot have missed
+            batch = self._list(after, size)
+            for key in batch:
+                yield key, key[0] <= settled_ns
+            if len(batch) < size:  # the rest of done/: no listing after it
+                return
+            after = batch[-1]
+            size = min(size * 2, MAX_BATCH)
 
     # -- inside ------------------------------------------------------------------------------------
 
-    def _kept_after(self, after: Key, *, upto: Key | None = None) -> Iterator[Key]:
-        last = after
-        while True:
-            i = bisect.bisect_right(self._keys, last)
-            if i >= len(self._keys) or (upto is not None and self._keys[i] > upto):
-                return
-            last = self._keys[i]
-            yield last
-
-    def _insert(self, key: Key, *, trim: bool = True) -> None:
-        if self._gap is not None and self._gap[0] < key < self._gap[1]:
-            return  # in the gap: a walk lists it
+    def _insert(self, key: Key) -> None:
+        assert self._keys is not None
         i = bisect.bisect_left(self._keys, key)
-        if i < len(self._keys) and self._keys[i] == key:
-            return
-        self._keys.insert(i, key)
-        if trim:
-            self._trim()
-
-    def _trim(self) -> None:
-        """Past ``kept``: without a gap, the middle goes; with one, the oldest of the newest do."""
-        excess = len(self._keys) - self.kept
-        if excess <= 0:
-            return
-        if self._gap is None:
-            half = self.kept // 2
-            self._gap = (self._keys[half - 1], self._keys[half + excess])
-            del self._keys[half : half + excess]
-            return
-        lo, hi = self._gap
-        i = bisect.bisect_right(self._keys, lo)  # where the newest begin
-        newest = min(excess, max(0, len(self._keys) - i - 1))
-        if newest:
-            hi = self._keys[i + newest]
-            del self._keys[i : i + newest]
-        oldest = excess - newest
-        if oldest:  # the oldest took the room (folders dated long ago): their newest go too
-            lo = self._keys[i - oldest - 1]
-            del self._keys[i - oldest : i]
-        self._gap = (lo, hi)
-
-    def _fill_oldest(self) -> None:
-        """When deletions have used up most of the oldest kept, list the next ones from the gap."""
-        if self._gap is None:
-            return
-        lo, hi = self._gap
-        i = bisect.bisect_right(self._keys, lo)
-        half = self.kept // 2
-        if i >= half // 4:
-            return
-        newest = len(self._keys) - i
-        if newest > self.kept - half:  # room for them: the oldest of the newest join the gap
-            drop = newest - (self.kept - half)
-            hi = self._keys[i + drop]
-            del self._keys[i : i + drop]
-            self._gap = (lo, hi)
-        found = self._list(lo, half - i, below=hi)
-        if found is None:
-            return
-        self._keys[i:i] = found
-        self._gap = None if len(found) < half - i else (found[-1], hi)
+        if i == len(self._keys) or self._keys[i] != key:
+            self._keys.insert(i, key)
 
     def _move_place_before(self, key: Key) -> None:
         """Folders of the same mtime are looked at again: a folder without frames costs a listing."""
         self.frames_gone_to = min(self.frames_gone_to, (key[0], ""))
 
-    def _candidates(self, done: int, after: Key, below: Key | None) -> Iterator[Key]:
+    @staticmethod
+    def _candidates(done: int, after: Key) -> Iterator[Key]:
         for entry in os.scandir(done):
             if entry.name.startswith("."):
                 continue
@@ -249,23 +215,15 @@ class DoneOrder:
             except OSError:
                 continue
             key = (st.st_mtime_ns, entry.name)
-            if stat.S_ISDIR(st.st_mode) and key > after and (below is None or key < below):
+            if stat.S_ISDIR(st.st_mode) and key > after:
                 yield key
 
-    def _list(self, after: Key, size: int, *, below: Key | None = None) -> list[Key] | None:
-        """The ``size`` oldest folders of done/ after ``after`` (and before ``below``), in one
-        listing; None if done/ cannot be listed."""
+    def _list(self, after: Key, size: int) -> list[Key]:
+        """The ``size`` oldest folders of done/ after ``after``, in one listing ([] if done/
+        cannot be listed)."""
         try:
             with fsops.opened_dir(self.done) as done:
-                return heapq.nsmallest(size, self._candidates(done, after, below))
+                return heapq.nsmallest(size, self._candidates(done, after))
         except OSError as exc:
             log.warning("retention_scan_failed", path=str(self.done), reason=exc.strerror or str(exc))
-            return None
-
-    def _list_newest(self, size: int) -> list[Key] | None:
-        try:
-            with fsops.opened_dir(self.done) as done:
-                return sorted(heapq.nlargest(size, self._candidates(done, FIRST, None)))
-        except OSError as exc:
-            log.warning("retention_scan_failed", path=str(self.done), reason=exc.strerror or str(exc))
-            return None
+            return []

@@ -36,16 +36,16 @@ What it costs
     ``done/`` bytes are measured once at start (a walk, in a worker thread, after READY),
     then kept: this process's outcomes add to them (``Spool.tally``), deletions take away,
     and a recount every ``RECOUNT_SECONDS`` picks up what other daemons sharing the spool
-    filed. The order of ``done/`` is kept in memory too (``done_order.py``, at most 16,384
-    folders: past that its oldest and its newest, and a gap that walks list): the spool
-    tells it each folder it files, and ``done/`` is listed (an ``lstat`` per folder) only
-    at the first pass and every ``done_order.RESCAN_SECONDS`` after, for what others filed
-    or removed. A pass that listed ``done/`` each time took seconds under load, and at ~55
+    filed. The order of ``done/`` is kept in memory too (``done_order.py``, up to 32,768
+    folders; past that, each pass lists ``done/`` as it used to): the spool tells it each
+    folder it files, and ``done/`` is listed (an ``lstat`` per folder) only at the first
+    pass and every ``done_order.RESCAN_SECONDS`` after, for what others filed or removed.
+    A pass that listed ``done/`` each time took seconds under load, and at ~55
     sessions/s fell behind what was filed. Frames already deleted are skipped by their
     folders' order, so a pass does not look into them again: the frames walk keeps its
     place between passes, but never past a folder another process still held (the next
     pass looks at it again), and a folder that comes into the order behind that place
-    moves it back.
+    moves it back (``done_order.py`` says how late ones are caught).
 
 Low disk
     ``Disk`` is the filesystem's state against the floor. Below it, camera sessions still
@@ -276,7 +276,7 @@ class Retention:
         order = self.spool.done_order
         freed = 0
         passed_over = False
-        for key in order.walk(order.frames_gone_to):
+        for key, settled in order.walk(order.frames_gone_to):
             mtime_ns = key[0]
             aged = want.frames_before is not None and mtime_ns / 1e9 < want.frames_before
             if not (want.pressed or aged):
@@ -289,6 +289,7 @@ class Retention:
                 continue
             freed += gone
             want.took(gone)
+            passed_over = passed_over or not settled  # it may have come in late: the next pass looks again
             if not passed_over:
                 order.frames_gone_to = key
         return freed
@@ -319,7 +320,7 @@ class Retention:
     def _delete_folders(self, want: _Want) -> int:
         """Whole folders of done/, oldest first, while the budget or the floor still asks."""
         freed = 0
-        for key in self.spool.done_order.walk():
+        for key, _settled in self.spool.done_order.walk():
             if not want.pressed:
                 return freed
             gone = self._delete_folder(key, want.why(self.cfg))
@@ -331,7 +332,7 @@ class Retention:
     def _delete_old_folders(self, before: float) -> int:
         freed = 0
         why = f"retention.folders_max_days = {self.cfg.folders_max_days:g}"
-        for key in self.spool.done_order.walk():
+        for key, _settled in self.spool.done_order.walk():
             if key[0] / 1e9 >= before:
                 return freed
             freed += self._delete_folder(key, why) or 0

@@ -26,7 +26,7 @@ from caired import fsops
 from caired import retention as retention_module
 from caired.config import Amount, RetentionConfig
 from caired.daemon import disk_status, serve
-from caired.done_order import KEPT, RESCAN_SECONDS, DoneOrder, Key
+from caired.done_order import RESCAN_SECONDS, DoneOrder, Key
 from caired.errors import SpoolError
 from caired.lifecycle import Context
 from caired.retention import DELETED_PREFIX, Disk, Retention, serve_retention
@@ -208,7 +208,7 @@ def test_a_done_folder_still_locked_is_left_alone(spool: Spool, monkeypatch: pyt
         assert not other.exists()
     finally:
         os.close(fd)
-    assert listings == [KEPT + 1]  # the pass's one listing: the first, done/ as it is
+    assert listings == ["done/"]  # the pass's one listing: the first, done/ as it is
     retention.run_pass()
     assert not busy.exists()  # let go: the next pass takes it
 
@@ -276,22 +276,23 @@ def test_what_this_process_files_is_deleted_in_order_without_listing_done_again(
 def test_what_others_file_or_remove_is_seen_at_the_next_listing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     now = [time.time()]
     order = spool.done_order = DoneOrder(spool.done, clock=lambda: now[0])
-    ours = filed(spool, "ours", age_days=1)
     gone = filed(spool, "removed-by-a-person", age_days=2)
+    ours = filed(spool, "ours", age_days=-1 / DAY)  # dated a second from now
     retention = make_retention(spool, done_max_bytes="1000000000")
     retention.run_pass()
-    assert list(order.walk()) == [(gone.stat().st_mtime_ns, gone.name), (ours.stat().st_mtime_ns, ours.name)]
+    assert [key for key, _ in order.walk()] == [(gone.stat().st_mtime_ns, gone.name),
+                                                (ours.stat().st_mtime_ns, ours.name)]
     order.frames_gone_to = (ours.stat().st_mtime_ns, ours.name)  # as if a pass had deleted their frames
     shutil.rmtree(gone)
-    filed(spool, "theirs", age_days=3)  # another daemon files an older folder with frames
+    filed(spool, "theirs", age_days=0)  # another daemon files a folder dated before ours, with frames
     listings = count_listings(monkeypatch)
     now[0] += retention_module.CHECK_SECONDS
     retention.run_pass()
-    assert listings == [] and [name for _, name in order.walk()] == ["removed-by-a-person", "ours"]
+    assert listings == [] and [key[1] for key, _ in order.walk()] == ["removed-by-a-person", "ours"]
     now[0] += RESCAN_SECONDS
     retention.run_pass()
-    assert listings == [KEPT + 1]
-    assert [name for _, name in order.walk()] == ["theirs", "ours"]
+    assert listings == ["done/"]
+    assert [key[1] for key, _ in order.walk()] == ["theirs", "ours"]
     retention.cfg = attrs.evolve(retention.cfg, done_max_bytes="1")
     with capture_logs() as logs:
         retention.run_pass()
@@ -299,10 +300,10 @@ def test_what_others_file_or_remove_is_seen_at_the_next_listing(spool: Spool, mo
     assert deletions(logs)[0] == ("theirs", "frames", "retention.done_max_bytes")
 
 
-def test_past_the_folders_kept_in_order_a_pass_lists_the_gap_in_growing_batches(
+def test_past_what_the_order_keeps_each_pass_lists_done_in_growing_batches(
         spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     # After a restart the first pass walks from the oldest folder: here 1,500 whose frames went
-    # long ago, and the order keeps only the oldest 50 and the newest 50.
+    # long ago, more than an order of 100 takes up.
     spool.done_order = DoneOrder(spool.done, kept=100)
     for i in range(1500):
         folder = spool.done / f"old{i:04d}"
@@ -319,74 +320,69 @@ def test_past_the_folders_kept_in_order_a_pass_lists_the_gap_in_growing_batches(
     retention.run_pass()
     assert [pngs(f) for f in newest] == [0, 4, 4]  # only the oldest frames went, and no folder
     assert spool.counts()["done"] == 1503
-    assert len(spool.done_order) == 100
-    # done/ (more than the order keeps), its newest, then the gap in batches of 64 to 1,024
-    assert listings == [101, ("newest", 50), 64, 128, 256, 512, 1024]
-    listings.clear()
-    retention.run_pass()
-    assert listings == []  # the walk's place is among the newest now: nothing listed
+    assert not spool.done_order.kept_in_memory
+    # done/ (more than the order keeps), then batches of 64 to 1,024 reach the first folder with frames
+    assert listings == ["done/", 64, 128, 256, 512, 1024]
 
 
-def test_when_deletions_use_up_the_oldest_kept_the_next_come_in_one_listing(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
-    spool.done_order = DoneOrder(spool.done, kept=100)
-    for i in range(1000):
-        folder = spool.done / f"old{i:04d}"
-        folder.mkdir()
-        (folder / RESULT_FILE).write_text("{}")
-        os.utime(folder, (time.time() - 10 * DAY + i, time.time() - 10 * DAY + i))
-    total = make_retention(spool).spool.tally().done_bytes
-    retention = make_retention(spool, done_max_bytes=str(total - 1))  # 101 folders to go
-    retention.run_pass()
-    assert sorted(listing(spool.done))[0] == "old0101"  # the 50 oldest kept, then 51 from the gap
-    listings = count_listings(monkeypatch)
-    retention.run_pass()
-    assert listings == [50]  # the 50 oldest after the gap's start, in one listing
-    assert [name for _, name in spool.done_order.walk()][:51] == [f"old{i:04d}" for i in range(101, 152)]
-
-
-def test_the_order_kept_is_bounded_however_much_is_filed(tmp_path: Path) -> None:
-    order = DoneOrder(tmp_path, kept=50)
+def test_the_order_is_bounded_however_much_is_filed_and_comes_back_below_half(tmp_path: Path) -> None:
+    now = [1000.0]
+    order = DoneOrder(tmp_path, kept=50, clock=lambda: now[0])
     order.take_in()  # listed: done/ is empty
-    names = [f"f{i:03d}" for i in range(200)]
-    for i, name in enumerate(names):
-        (tmp_path / name).mkdir()
-        os.utime(tmp_path / name, ns=(i * 10**9, i * 10**9))
-        order.filed(i * 10**9, name)
-        if i % 30 == 29:
-            order.take_in()
+
+    def file(names: list[str]) -> None:
+        for name in names:
+            (tmp_path / name).mkdir()
+            os.utime(tmp_path / name, ns=(int(now[0] * 1e9), int(now[0] * 1e9)))
+            order.filed(int(now[0] * 1e9), name)
+            now[0] += 1
+
+    names = [f"f{i:03d}" for i in range(100)]
+    file(names[:40])
     order.take_in()
-    assert len(order) == 50
-    assert [name for _, name in order.walk()] == names  # the oldest 50 kept; the walk lists the rest
+    assert len(order) == 40 and [key[1] for key, _ in order.walk()] == names[:40]
+    file(names[40:])
+    order.take_in()
+    assert not order.kept_in_memory and len(order) == 0
+    assert [key[1] for key, _ in order.walk()] == names  # listed
+    for name in names[:70]:
+        (tmp_path / name).rmdir()
+    now[0] += RESCAN_SECONDS
+    order.take_in()
+    assert not order.kept_in_memory  # 30 folders: not under half of what it keeps
+    for name in names[70:75]:
+        (tmp_path / name).rmdir()
+    now[0] += RESCAN_SECONDS
+    order.take_in()
+    assert order.kept_in_memory and [key[1] for key, _ in order.walk()] == names[75:]  # 25: taken up again
 
 
 class _Done:
     """done/ on disk, what this process and others file in it, and what retention's walks do,
-    against a DoneOrder that keeps a few folders."""
+    against a DoneOrder that keeps a few folders. Folders are dated by a clock that ticks half
+    a second a step; a filing may be dated up to 1.5 s late, as when two sessions end together."""
 
     def __init__(self, done: Path, kept: int) -> None:
         self.done = done
-        self.now = 0.0
+        self.now = 10_000.0
         self.order = DoneOrder(done, kept=kept, clock=lambda: self.now)
         self.frames: dict[Key, bool] = {}  # every folder on disk: whether its frames are still there
-        self.unlisted: set[Key] = set()  # filed by another process since the last listing
+        self.unlisted: set[Key] = set()  # filed by another process since the last rescan
         self.untaken: set[Key] = set()  # filed by this process since the last take_in
-        self.redated = 0  # since the last take_in (the order is trimmed there)
-        self.ours: set[str] = set()
         self.made = 0
 
-    def file(self, mtime: int, *, ours: bool) -> None:
-        name = f"f{self.made:04d}"
+    def file(self, late: int, *, ours: bool) -> None:
+        self.now += 0.5
+        key = (int((self.now - late * 0.5) * 1e9), f"f{self.made:04d}")
         self.made += 1
-        (self.done / name).mkdir()
-        os.utime(self.done / name, ns=(mtime, mtime))
-        self.frames[(mtime, name)] = True
+        (self.done / key[1]).mkdir()
+        os.utime(self.done / key[1], ns=(key[0], key[0]))
+        self.frames[key] = True
         if ours:
-            self.order.filed(mtime, name)
-            self.untaken.add((mtime, name))
-            self.ours.add(name)
+            self.order.filed(*key)
+            self.untaken.add(key)
         else:
-            self.unlisted.add((mtime, name))
+            self.unlisted.add(key)
 
     def removed_by_a_person(self, which: int) -> None:
         if self.frames:
@@ -400,34 +396,40 @@ class _Done:
         listed_before = self.order.listed_at
         self.order.take_in()
         self.untaken.clear()
-        self.redated = 0
         if self.order.listed_at != listed_before:
             self.unlisted.clear()
 
     def frames_pass(self, steps: int, redated: bool) -> None:
         """Delete the frames of up to ``steps`` folders from the walk's place, as retention does
         (a dropper's folder, ``redated``, is dated at the deletion)."""
+        self.now += 0.5
         self.take_in()
-        for key, _ in zip(self.order.walk(self.order.frames_gone_to), range(steps), strict=False):
+        passed_over = False
+        walk = self.order.walk(self.order.frames_gone_to)
+        seen = set()
+        for (key, settled), _ in zip(walk, range(steps), strict=False):
+            assert key[1] not in seen  # once, even re-dated as it goes
+            seen.add(key[1])
             if key not in self.frames:
                 self.order.forget(key)
                 continue
             if self.frames[key] and redated:
-                self.now += 1
-                new = (10**6 + int(self.now), key[1])
+                new = (int(self.now * 1e9), key[1])
                 os.utime(self.done / key[1], ns=(new[0], new[0]))
                 del self.frames[key]
                 self.frames[new] = False
                 self.order.redate(key, new[0])
-                self.redated += 1
             else:
                 self.frames[key] = False
-            self.order.frames_gone_to = key
+            passed_over = passed_over or not settled
+            if not passed_over:
+                self.order.frames_gone_to = key
 
     def folders_pass(self, count: int) -> None:
         """Delete up to ``count`` whole folders, oldest first."""
+        self.now += 0.5
         self.take_in()
-        for key, _ in zip(self.order.walk(), range(count), strict=False):
+        for (key, _), _ in zip(self.order.walk(), range(count), strict=False):
             if key in self.frames:
                 (self.done / key[1]).rmdir()
                 del self.frames[key]
@@ -435,21 +437,19 @@ class _Done:
             self.order.forget(key)
 
     def check(self) -> None:
-        walked = list(self.order.walk())
+        walked = [key for key, _ in self.order.walk()]
         assert walked == sorted(set(walked))  # oldest first, each once
-        assert len(self.order) <= self.order.kept + self.redated
-        told = {key for key in self.frames if key not in self.unlisted and key not in self.untaken}
+        assert len(self.order) <= self.order.kept
+        told = {key for key in self.frames if key not in self.untaken
+                and (key not in self.unlisted or not self.order.kept_in_memory)}  # walks that list see all
         assert told <= set(walked)
-        # The walk's place is never past a folder with frames the order was told about (the
-        # documented limit, another process's folder dated inside the gap, needs a gap).
-        gapless = self.made <= self.order.kept
-        at_risk = [key for key in told if self.frames[key] and (gapless or key[1] in self.ours)]
-        assert all(key > self.order.frames_gone_to for key in at_risk)
+        # the walk's place is never past a folder with frames that the order was told of
+        assert all(key > self.order.frames_gone_to for key in told if self.frames[key])
 
 
 _STEPS = st.lists(st.one_of(
-    st.tuples(st.just("ours"), st.integers(0, 40)),
-    st.tuples(st.just("theirs"), st.integers(0, 40)),
+    st.tuples(st.just("ours"), st.integers(0, 3)),
+    st.tuples(st.just("theirs"), st.integers(0, 3)),
     st.tuples(st.just("removed"), st.integers(0, 100)),
     st.tuples(st.just("frames"), st.integers(1, 8)),
     st.tuples(st.just("frames, redated"), st.integers(1, 8)),
@@ -459,18 +459,24 @@ _STEPS = st.lists(st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@example(kept=2, steps=[("ours", 0), ("ours", 1), ("ours", 2), ("frames", 3), ("ours", 0)])  # late, past kept
-@example(kept=2, steps=[("ours", 10), ("ours", 20), ("ours", 30), ("frames", 3), ("ours", 25), ("rescan due", 0),
-                        ("frames", 1)])  # late, into the gap of the listing that takes it in
-@example(kept=2, steps=[("ours", 0), ("ours", 1), ("frames", 2), ("ours", 0), ("ours", 1), ("ours", 1),
-                        ("frames", 1)])  # more filed than the news keep: one lost, late, into the gap
-@given(kept=st.integers(2, 8), steps=_STEPS)
+@example(kept=4, steps=[("ours", 0), ("ours", 0), ("frames", 2), ("ours", 3), ("frames", 1)])  # late, kept
+@example(kept=4, steps=[("ours", 0), ("ours", 0), ("frames", 2), ("theirs", 3), ("rescan due", 0),
+                        ("frames", 1)])  # another's, late: found by the rescan
+@example(kept=2, steps=[("ours", 0), ("ours", 0), ("ours", 0), ("frames", 3), ("ours", 3), ("ours", 3),
+                        ("ours", 3), ("frames", 1)])  # more filed than the news keep, late, past the bound
+@example(kept=4, steps=[("ours", 0), ("ours", 0), ("frames", 2), ("ours", 0), ("ours", 0), ("ours", 0),
+                        ("frames", 1)])  # past the bound by filings alone
+@example(kept=4, steps=[("ours", 0), ("ours", 0), ("frames", 2), ("theirs", 3), ("ours", 0), ("ours", 0),
+                        ("ours", 0), ("frames", 8)])  # another's, late, as the order steps aside
+@example(kept=1, steps=[("ours", 0), ("ours", 0), ("frames", 2), ("theirs", 3), ("frames", 8)])  # listed walks
+@example(kept=8, steps=[("ours", 0), ("ours", 0), ("frames, redated", 3)])  # re-dated as the walk goes
+@given(kept=st.integers(1, 8), steps=_STEPS)
 def test_the_order_walks_every_folder_once_oldest_first_and_never_skips_frames(
         tmp_path: Path, kept: int, steps: list[tuple[str, int]]) -> None:
     model = _Done(Path(tempfile.mkdtemp(dir=tmp_path)), kept)
     for op, arg in steps:
         if op in ("ours", "theirs"):
-            model.file(arg, ours=op == "ours")  # out of order on purpose: late filings, equal mtimes
+            model.file(arg, ours=op == "ours")
         elif op == "removed":
             model.removed_by_a_person(arg)
         elif op.startswith("frames"):
@@ -482,27 +488,27 @@ def test_the_order_walks_every_folder_once_oldest_first_and_never_skips_frames(
         model.check()
     model.now += RESCAN_SECONDS
     model.take_in()
-    assert list(model.order.walk()) == sorted(model.frames)  # a listing finds done/ as it is
+    assert [key for key, _ in model.order.walk()] == sorted(model.frames)  # a listing finds done/ as it is
 
 
 def count_listings(monkeypatch: pytest.MonkeyPatch, *, give_up_after: int = 1000) -> list[object]:
-    """The size asked of each listing of done/ from now on, ("newest", size) for a listing of
-    its newest (failing past ``give_up_after``)."""
-    sizes: list[object] = []
-    list_oldest, list_newest = DoneOrder._list, DoneOrder._list_newest
+    """Each listing of done/ from now on: "done/" for a rescan, the size asked of a walk's
+    (failing past ``give_up_after``)."""
+    listings: list[object] = []
+    rescan, list_some = DoneOrder.rescan, DoneOrder._list
 
-    def oldest(self: DoneOrder, after: Key, size: int, *, below: Key | None = None) -> list[Key] | None:
-        sizes.append(size)
-        assert len(sizes) <= give_up_after, "the pass keeps listing done/"
-        return list_oldest(self, after, size, below=below)
+    def rescanned(self: DoneOrder) -> bool:
+        listings.append("done/")
+        return rescan(self)
 
-    def newest(self: DoneOrder, size: int) -> list[Key] | None:
-        sizes.append(("newest", size))
-        return list_newest(self, size)
+    def listed(self: DoneOrder, after: Key, size: int) -> list[Key]:
+        listings.append(size)
+        assert len(listings) <= give_up_after, "the pass keeps listing done/"
+        return list_some(self, after, size)
 
-    monkeypatch.setattr(DoneOrder, "_list", oldest)
-    monkeypatch.setattr(DoneOrder, "_list_newest", newest)
-    return sizes
+    monkeypatch.setattr(DoneOrder, "rescan", rescanned)
+    monkeypatch.setattr(DoneOrder, "_list", listed)
+    return listings
 
 
 def test_no_symlink_is_followed(spool: Spool, tmp_path: Path) -> None:
