@@ -12,10 +12,11 @@ sessions/s retention fell behind what was filed. ``DoneOrder`` keeps the order i
   what a person removes) comes from a listing: the first at the first pass, then one
   every ``RESCAN_SECONDS`` (``rescan``). A listing that fails is tried again at the next
   pass; nothing filed meanwhile is lost.
-* **Memory is bounded**: the order holds at most ``KEPT`` folders. When done/ holds more,
-  it steps aside, and each walk lists done/ as retention did before it: in batches from
-  ``BATCH`` to ``MAX_BATCH``, each starting after the last folder seen. A rescan that
-  finds done/ back under half of ``KEPT`` takes the order up again.
+* **Memory is bounded**: the order holds at most ``KEPT`` folders. When done/ holds more
+  (or a rescan finds more than ``STAY`` of it), it steps aside, and each walk lists done/
+  as retention did before it: in batches from ``BATCH`` to ``MAX_BATCH``, each starting
+  after the last folder seen. A rescan that finds done/ back under half of ``KEPT`` takes
+  the order up again.
 
 The order is (mtime_ns, name). It also keeps the frames walk's place (``frames_gone_to``:
 no folder up to it has frames). A folder can come in behind that place: this process's,
@@ -54,6 +55,7 @@ Key = tuple[int, str]  # (mtime_ns, name) of a folder of done/
 
 FIRST: Final[Key] = (-1, "")  # before every folder
 KEPT: Final = 32768  # folders of done/ held in order (~5 MB)
+STAY: Final = 0.9  # a rescan that finds more than this share of KEPT steps aside
 BATCH: Final = 64  # folders held by a walk's first listing of done/, when the order stands aside
 MAX_BATCH: Final = 4096  # and by any later one (~0.5 MB)
 RESCAN_SECONDS: Final = 600.0  # how often done/ is listed again, for what others filed or removed
@@ -116,9 +118,8 @@ class DoneOrder:
             return  # walks list done/: the news are there
         for key in news:
             self._insert(key)
-        if len(self._keys) > self.kept and not self.rescan():  # it steps aside, after telling what is new
-            with self._lock:
-                self._news_lost = True  # over the bound until a listing succeeds
+        if len(self._keys) > self.kept and not self.rescan():  # a rescan judges what is new first
+            self._step_aside()
 
     def rescan(self) -> bool:
         """List done/ and make the order what it found (or step aside if done/ holds too many);
@@ -146,10 +147,18 @@ class DoneOrder:
             return False
         if earliest_new is not None:
             self._move_place_before(earliest_new)
-        limit = self.kept if self._keys is not None else self.kept // 2  # so that it does not flap at the bound
+        # Taken up again under half the bound, kept up to 90% of it: it does not flap there.
+        limit = int(self.kept * STAY) if self._keys is not None else self.kept // 2
         self._keys = found if len(found) <= limit else None
         self.listed_at = started
         return True
+
+    def _step_aside(self) -> None:
+        """Past the bound with no listing to judge what others filed since the last one: the
+        walk's place goes back before all of it."""
+        self._keys = None
+        if self.listed_at is not None:
+            self._move_place_before((int((self.listed_at - SETTLE_SECONDS) * 1e9), ""))
 
     def forget(self, key: Key) -> None:
         """The folder is gone from done/."""
@@ -159,13 +168,17 @@ class DoneOrder:
         if i < len(self._keys) and self._keys[i] == key:
             del self._keys[i]
 
-    def redate(self, key: Key, mtime_ns: int) -> None:
-        """The folder's frames were deleted and its mtime could not be put back: it is dated now
-        (without frames, so the walk's place stays). With the order full, the next rescan
+    def redate(self, key: Key, mtime_ns: int, *, has_frames: bool) -> None:
+        """The folder is dated ``mtime_ns`` now: its frames were deleted and caired may not put
+        its time back, or a listing caught it before the spool dated it as it filed it. Its
+        frames, if it may have any, are not skipped. With the order full, the next rescan
         brings it in."""
         self.forget(key)
+        new = (mtime_ns, key[1])
+        if has_frames:
+            self._move_place_before(new)
         if self._keys is not None and len(self._keys) < self.kept:
-            self._insert((mtime_ns, key[1]))
+            self._insert(new)
 
     def walk(self, after: Key = FIRST) -> Iterator[tuple[Key, bool]]:
         """The folders of done/ after ``after``, oldest first, each with whether the frames walk's

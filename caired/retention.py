@@ -300,8 +300,12 @@ class Retention:
             with fsops.opened_dir(self.spool.done) as done, fsops.opened_dir(name, dir_fd=done) as folder:
                 if fsops.lock_is_held(folder, LOCK_FILE):
                     return None
+                dated_ns = os.fstat(folder).st_mtime_ns
+                if dated_ns != key[0]:  # listed as it was being filed, or touched since: not its place
+                    self.spool.done_order.redate(key, dated_ns, has_frames=True)
+                    return 0
                 files, freed = delete_frames(folder)
-                mtime_ns = os.fstat(folder).st_mtime_ns if files else key[0]
+                mtime_ns = os.fstat(folder).st_mtime_ns if files else dated_ns
         except OSError as exc:
             if exc.errno in fsops.GONE:
                 self.spool.done_order.forget(key)
@@ -310,7 +314,7 @@ class Retention:
                             reason=exc.strerror or str(exc))
             return 0
         if mtime_ns != key[0]:  # a dropper's folder, whose time caired may not put back
-            self.spool.done_order.redate(key, mtime_ns)
+            self.spool.done_order.redate(key, mtime_ns, has_frames=False)
         if files:
             self.spool.adjust_tally(done_bytes=-freed)
             log.info("retention_deleted", what="frames", path=shown(str(self.spool.done / name)), files=files,
@@ -347,6 +351,10 @@ class Retention:
             with fsops.opened_dir(self.spool.done) as done, fsops.opened_dir(self.spool.tmp) as tmp:
                 with fsops.opened_dir(name, dir_fd=done) as folder:
                     if fsops.lock_is_held(folder, LOCK_FILE):
+                        return None
+                    dated_ns = os.fstat(folder).st_mtime_ns
+                    if dated_ns != key[0]:  # listed as it was being filed, or touched since: not its place
+                        self.spool.done_order.redate(key, dated_ns, has_frames=True)
                         return None
                     size = usage(folder)
                     frames = sum(1 for e in os.scandir(folder) if e.name.lower().endswith(FRAME_SUFFIXES))

@@ -355,6 +355,74 @@ def test_the_order_is_bounded_however_much_is_filed_and_comes_back_below_half(tm
     now[0] += RESCAN_SECONDS
     order.take_in()
     assert order.kept_in_memory and [key[1] for key, _ in order.walk()] == names[75:]  # 25: taken up again
+    more = [f"g{i:03d}" for i in range(21)]
+    file(more)
+    order.take_in()
+    assert len(order) == 46  # within the bound
+    now[0] += RESCAN_SECONDS
+    order.take_in()
+    assert not order.kept_in_memory  # but past 90% of it at a rescan: it steps aside rather than flap
+
+
+@pytest.mark.parametrize("what", ["frames", "folder"])
+def test_a_folder_listed_before_the_spool_dated_it_keeps_its_true_place(spool: Spool, what: str) -> None:
+    older = filed(spool, "older", frames=4 if what == "frames" else 0, age_days=1)
+    caught = filed(spool, "caught", frames=4 if what == "frames" else 0, age_days=5)  # as dropped, days ago
+    retention = make_retention(spool, done_max_bytes="1000000000")
+    retention.run_pass()  # the listing catches it between the spool's rename and its dating
+    os.utime(caught)
+    spool.done_order.filed(caught.stat().st_mtime_ns, caught.name)
+    if what == "folder":  # no frames left: the walk of whole folders meets it first
+        spool.done_order.frames_gone_to = (caught.stat().st_mtime_ns, caught.name)
+    frames = usage_of(older) - usage_of(older, frames=False) if what == "frames" else 0
+    budget = spool.tally().done_bytes - frames // 2 if what == "frames" else 1  # frames: one folder's go
+    retention.cfg = attrs.evolve(retention.cfg, done_max_bytes=str(int(budget / 0.9)) if what == "frames" else "1")
+    with capture_logs() as logs:
+        retention.run_pass()
+    if what == "frames":
+        assert deletions(logs) == [("older", "frames", "retention.done_max_bytes")]
+    else:
+        assert deletions(logs) == [("older", "folder", "retention.done_max_bytes"),
+                                   ("caught", "folder", "retention.done_max_bytes")]
+
+
+def usage_of(folder: Path, *, frames: bool = True) -> int:
+    return sum(p.stat().st_blocks * 512 for p in folder.iterdir() if frames or p.suffix != ".png")
+
+
+def test_a_folder_re_dated_before_the_walks_place_with_frames_moves_the_place_back(tmp_path: Path) -> None:
+    order = DoneOrder(tmp_path)
+    order.take_in()
+    order.frames_gone_to = (5_000, "b")
+    order.redate((1_000, "a"), 3_000, has_frames=False)
+    assert order.frames_gone_to == (5_000, "b")
+    order.redate((1_000, "c"), 4_000, has_frames=True)
+    assert order.frames_gone_to == (4_000, "")
+
+
+def test_past_the_bound_with_done_unlistable_the_order_steps_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    order = DoneOrder(tmp_path, kept=4, clock=lambda: now[0])
+    order.take_in()
+    for i in range(3):
+        order.filed(int(now[0] * 1e9) + i, f"f{i}")
+    order.take_in()
+    assert len(order) == 3
+    order.frames_gone_to = (int(now[0] * 1e9) + 10, "z")
+
+    def unlistable(_done: int, _after: Key) -> Iterator[Key]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(DoneOrder, "_candidates", staticmethod(unlistable))
+    now[0] += RESCAN_SECONDS
+    for i in range(3, 5):
+        order.filed(int(now[0] * 1e9) + i, f"f{i}")  # past the bound
+    with capture_logs() as logs:
+        order.take_in()
+    assert not order.kept_in_memory and len(order) == 0  # nothing grows while done/ cannot be listed
+    assert order.frames_gone_to <= (int((1000.0 - 2.0) * 1e9), "")  # back before what others may have filed
+    assert [e["event"] for e in logs] == ["retention_scan_failed"] * 2  # the rescan due, then at the bound
 
 
 class _Done:
@@ -418,7 +486,7 @@ class _Done:
                 os.utime(self.done / key[1], ns=(new[0], new[0]))
                 del self.frames[key]
                 self.frames[new] = False
-                self.order.redate(key, new[0])
+                self.order.redate(key, new[0], has_frames=False)
             else:
                 self.frames[key] = False
             passed_over = passed_over or not settled
