@@ -15,8 +15,8 @@ sessions/s retention fell behind what was filed. ``DoneOrder`` keeps the order i
 * **Memory is bounded**: the order holds at most ``KEPT`` folders. When done/ holds more
   (or a rescan finds more than ``STAY`` of it), it steps aside, and each walk lists done/
   as retention did before it: in batches from ``BATCH`` to ``MAX_BATCH``, each starting
-  after the last folder seen. A rescan that finds done/ back under half of ``KEPT`` takes
-  the order up again.
+  after the last folder seen. A rescan that finds done/ back at or under half of ``KEPT``
+  takes the order up again.
 
 The order is (mtime_ns, name). It also keeps the frames walk's place (``frames_gone_to``:
 no folder up to it has frames). A folder can come in behind that place: this process's,
@@ -182,8 +182,9 @@ class DoneOrder:
 
     def walk(self, after: Key = FIRST) -> Iterator[tuple[Key, bool]]:
         """The folders of done/ after ``after``, oldest first, each with whether the frames walk's
-        place may pass it. Only folders already in order when it starts: what the caller does
-        as it goes (``forget``, ``redate``) does not disturb it."""
+        place may pass it. It ends at the newest folder in order when it starts: what the caller
+        does as it goes (``forget``, ``redate``) does not disturb it, though a folder re-dated
+        to before that end comes again under its new key."""
         keys = self._keys
         if keys is not None:
             if not keys:

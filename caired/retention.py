@@ -284,7 +284,7 @@ class Retention:
             why = (want.why(self.cfg) if want.pressed
                    else f"retention.frames_max_days = {self.cfg.frames_max_days:g}")
             gone = self._delete_frames_of(key, why)
-            if gone is None:  # held by another process: not filed yet; a later pass starts here again
+            if gone is None:  # held by another process (not filed yet), or re-dated: a later pass starts here again
                 passed_over = True
                 continue
             freed += gone
@@ -303,7 +303,7 @@ class Retention:
                 dated_ns = os.fstat(folder).st_mtime_ns
                 if dated_ns != key[0]:  # listed as it was being filed, or touched since: not its place
                     self.spool.done_order.redate(key, dated_ns, has_frames=True)
-                    return 0
+                    return None  # the walk's place stays before it: it may now be dated earlier
                 files, freed = delete_frames(folder)
                 mtime_ns = os.fstat(folder).st_mtime_ns if files else dated_ns
         except OSError as exc:

@@ -386,6 +386,28 @@ def test_a_folder_listed_before_the_spool_dated_it_keeps_its_true_place(spool: S
                                    ("caught", "folder", "retention.done_max_bytes")]
 
 
+def test_a_folder_dated_back_while_in_order_still_loses_its_frames(spool: Spool) -> None:
+    filed(spool, "a", frames=0, age_days=3)
+    touched = filed(spool, "touched", age_days=2)
+    c, d = filed(spool, "c", age_days=1), filed(spool, "d", age_days=0.5)
+    retention = make_retention(spool, done_max_bytes="1000000000")
+    retention.run_pass()  # in order
+    back = time.time() - 2.5 * DAY
+    os.utime(touched, (back, back))  # cp -p, rsync -t, touch -d into done/
+    frames = usage_of(c) - usage_of(c, frames=False)
+
+    def one_folders_frames_to_go() -> None:
+        budget = (spool.tally().done_bytes - frames // 2) / 0.9
+        retention.cfg = attrs.evolve(retention.cfg, done_max_bytes=str(int(budget)))
+
+    one_folders_frames_to_go()
+    retention.run_pass()
+    assert pngs(touched) == 4 and pngs(c) == 0  # passed over as it was re-dated, not passed
+    one_folders_frames_to_go()
+    retention.run_pass()
+    assert pngs(touched) == 0 and pngs(d) == 4
+
+
 def usage_of(folder: Path, *, frames: bool = True) -> int:
     return sum(p.stat().st_blocks * 512 for p in folder.iterdir() if frames or p.suffix != ".png")
 
