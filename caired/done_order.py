@@ -130,20 +130,15 @@ class DoneOrder:
         since_ns = int((self.listed_at - SETTLE_SECONDS) * 1e9) if self.listed_at is not None else None
         earliest_new: Key | None = None
 
-        def looked_at(done: int) -> Iterator[Key]:
+        def looked_at(key: Key) -> None:
             nonlocal earliest_new
-            for key in self._candidates(done, FIRST):
-                if (known is not None and since_ns is not None and key[0] >= since_ns
-                        and key <= self.frames_gone_to and key not in known
-                        and (earliest_new is None or key < earliest_new)):
-                    earliest_new = key
-                yield key
+            if (known is not None and since_ns is not None and key[0] >= since_ns
+                    and key <= self.frames_gone_to and key not in known
+                    and (earliest_new is None or key < earliest_new)):
+                earliest_new = key
 
-        try:
-            with fsops.opened_dir(self.done) as done:
-                found = heapq.nsmallest(self.kept + 1, looked_at(done))
-        except OSError as exc:
-            log.warning("retention_scan_failed", path=str(self.done), reason=exc.strerror or str(exc))
+        found = self._oldest(FIRST, self.kept + 1, looked_at)
+        if found is None:
             return False
         if earliest_new is not None:
             self._move_place_before(earliest_new)
@@ -235,9 +230,20 @@ class DoneOrder:
     def _list(self, after: Key, size: int) -> list[Key]:
         """The ``size`` oldest folders of done/ after ``after``, in one listing ([] if done/
         cannot be listed)."""
+        return self._oldest(after, size) or []
+
+    def _oldest(self, after: Key, size: int, each: Callable[[Key], None] | None = None) -> list[Key] | None:
+        """One listing of done/: its ``size`` oldest folders after ``after``, each folder it
+        finds shown to ``each`` on the way; None (and a warning) if done/ cannot be listed."""
+        def keys(done: int) -> Iterator[Key]:
+            for key in self._candidates(done, after):
+                if each is not None:
+                    each(key)
+                yield key
+
         try:
             with fsops.opened_dir(self.done) as done:
-                return heapq.nsmallest(size, self._candidates(done, after))
+                return heapq.nsmallest(size, keys(done))
         except OSError as exc:
             log.warning("retention_scan_failed", path=str(self.done), reason=exc.strerror or str(exc))
-            return []
+            return None

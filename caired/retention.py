@@ -300,12 +300,10 @@ class Retention:
             with fsops.opened_dir(self.spool.done) as done, fsops.opened_dir(name, dir_fd=done) as folder:
                 if fsops.lock_is_held(folder, LOCK_FILE):
                     return None
-                dated_ns = os.fstat(folder).st_mtime_ns
-                if dated_ns != key[0]:  # listed as it was being filed, or touched since: not its place
-                    self.spool.done_order.redate(key, dated_ns, has_frames=True)
+                if not self._in_its_place(folder, key):
                     return None  # the walk's place stays before it: it may now be dated earlier
                 files, freed = delete_frames(folder)
-                mtime_ns = os.fstat(folder).st_mtime_ns if files else dated_ns
+                mtime_ns = os.fstat(folder).st_mtime_ns if files else key[0]
         except OSError as exc:
             if exc.errno in fsops.GONE:
                 self.spool.done_order.forget(key)
@@ -320,6 +318,15 @@ class Retention:
             log.info("retention_deleted", what="frames", path=shown(str(self.spool.done / name)), files=files,
                      bytes=freed, why=why)
         return freed
+
+    def _in_its_place(self, folder: int, key: Key) -> bool:
+        """Whether the folder is dated as its key says; if not (listed as it was being filed, or
+        touched since), it is put in its true place, where a later walk meets it."""
+        dated_ns = os.fstat(folder).st_mtime_ns
+        if dated_ns == key[0]:
+            return True
+        self.spool.done_order.redate(key, dated_ns, has_frames=True)
+        return False
 
     def _delete_folders(self, want: _Want) -> int:
         """Whole folders of done/, oldest first, while the budget or the floor still asks."""
@@ -352,9 +359,7 @@ class Retention:
                 with fsops.opened_dir(name, dir_fd=done) as folder:
                     if fsops.lock_is_held(folder, LOCK_FILE):
                         return None
-                    dated_ns = os.fstat(folder).st_mtime_ns
-                    if dated_ns != key[0]:  # listed as it was being filed, or touched since: not its place
-                        self.spool.done_order.redate(key, dated_ns, has_frames=True)
+                    if not self._in_its_place(folder, key):
                         return None
                     size = usage(folder)
                     frames = sum(1 for e in os.scandir(folder) if e.name.lower().endswith(FRAME_SUFFIXES))

@@ -766,11 +766,12 @@ class Spool:
             self._tally.move(claim.where, to)
         claim.folder, claim.where = folder, to
         fsops.fsync_dirs_quietly(self._dir(to), origin)
+        deleted = 0
         if to == "done":
             with contextlib.suppress(OSError):  # filed now: retention's order is the folders' mtime (see there)
                 os.utime(claim.dir_fd)
-        deleted = self._delete_frames(claim) if to == "done" and not self._keeps_frames(claim) else 0
-        if to == "done":
+            if not self._keeps_frames(claim):
+                deleted = self._delete_frames(claim)
             with contextlib.suppress(OSError):
                 self.done_order.filed(os.fstat(claim.dir_fd).st_mtime_ns, claim.folder)
         size = usage(claim.dir_fd)
