@@ -101,11 +101,10 @@ def frame_paths(directory: Path) -> list[Path]:
 
 
 def _decode_encode(path: Path) -> int:
-    from caired import png
+    from caired import frames
 
-    image = png.decode_bgr(path.read_bytes())  # caired's own decoder: the limit of its pipeline
-    _, buf = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), QUALITY])
-    return len(buf)
+    pixels = frames.decode_png(path.name, path.read_bytes())  # caired's own decoder and encoder: its pipeline's limit
+    return len(frames.encode_jpeg(pixels.array, QUALITY, name=path.name, order=pixels.order))
 
 
 def measure_limit(paths: list[Path]) -> dict[str, Any]:

@@ -119,7 +119,7 @@ async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChan
 class _Encoded:
     """A captured frame encoded once: the JPEG bytes written to disk, and the same as base64 for the wire."""
 
-    jpeg: memoryview
+    jpeg: bytes
     frame: EncodedFrame
 
 

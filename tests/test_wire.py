@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import simplejpeg
 import trio
 import trio_websocket
 from wsproto import ConnectionType, WSConnection
@@ -92,6 +93,7 @@ async def test_raw_stream_never_decodes_an_image(
 
     monkeypatch.setattr(cv2, "imdecode", refuse)
     monkeypatch.setattr(cv2, "imencode", refuse)
+    monkeypatch.setattr(simplejpeg, "encode_jpeg", refuse)
     monkeypatch.setattr(spng, "decode_rgb", refuse)
     monkeypatch.setattr(png, "decode_common", refuse)
     await stream_folder(make_config(state.port, FRAME_FORMAT="raw", FPS="0"), directory)
