@@ -87,7 +87,9 @@ async def camera_session(ctx: Context, name: str, frames: trio.MemoryReceiveChan
     async def stream() -> Outcome:
         counts = _Counts()
         delivered: Delivered | None = None
-        live_send, live_receive = trio.open_memory_channel[EncodedFrame](ctx.cfg.stream.send_queue)
+        # What waits for the sender: the send queue, and as much again, which an encode pipeline
+        # between the two held before the frames came to the sender straight.
+        live_send, live_receive = trio.open_memory_channel[EncodedFrame](2 * ctx.cfg.stream.send_queue)
         go_live = ctx.gate.state in ("up", "unknown")
         if not go_live:
             log.info("camera_live_skipped", reason=f"backend {ctx.gate.state}", then="store and forward")
@@ -206,11 +208,8 @@ async def _stream_live(
 ) -> Delivered | None:
     cfg = attrs.evolve(ctx.cfg, stream=attrs.evolve(ctx.cfg.stream, fps=0.0))  # the camera paces
 
-    def encoded(frame: EncodedFrame) -> EncodedFrame:
-        return frame  # encoded once, by _record, for the disk and the wire alike
-
     async with frames:
-        source = LiveSource(frames, encoded, cfg, ctx.limiter)
+        source = LiveSource(frames)  # encoded once, by _record, for the disk and the wire alike
         try:
             return await deliver(source, cfg=cfg, gate=ctx.gate, name=claim.shown, datapt_id=claim.datapt_id,
                                  limits=Limits(attempts=1), first_attempt=claim.attempts + 1,

@@ -402,12 +402,14 @@ def _encode_video_frame(item: video.VideoFrame | FrameError, *, fmt: str, qualit
 
 @attrs.define
 class LiveSource:
-    """Frames arriving as they are captured; one attempt only (store-and-forward covers the rest)."""
+    """Frames as they are captured, already encoded (a camera session encodes each frame once, for
+    the disk and the wire); one attempt only (store-and-forward covers the rest).
 
-    channel: trio.MemoryReceiveChannel[Any]
-    encode: Callable[[Any], EncodedFrame]
-    cfg: Config
-    limiter: trio.CapacityLimiter
+    The frames go to the sender as they come: no worker thread, where ``encode_pipeline``
+    would hop to one and back for each frame to do nothing.
+    """
+
+    channel: trio.MemoryReceiveChannel[EncodedFrame]
     skipped: int = 0
     _used: bool = False
 
@@ -420,9 +422,7 @@ class LiveSource:
         if self._used:
             raise SessionError("a live session cannot be streamed twice", retry=Retry.NEVER)
         self._used = True
-        depth = self.cfg.stream.send_queue
-        async with encode_pipeline(self.channel, self.encode, depth=depth, limiter=self.limiter) as chan:
-            yield Feed(chan, self._skip)
+        yield Feed(self.channel, self._skip)
 
     def _skip(self, error: FrameError) -> None:
         self.skipped += 1

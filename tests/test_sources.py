@@ -10,9 +10,9 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from caired.errors import NoFramesError
+from caired.errors import NoFramesError, SessionError
 from caired.frames import EncodedFrame, list_frames
-from caired.sources import Feed, FolderSource
+from caired.sources import Feed, FolderSource, LiveSource
 from tests.conftest import make_config
 from tests.test_frames import png_claiming
 
@@ -215,3 +215,24 @@ async def test_frames_are_encoded_as_the_config_says(frames: Callable[..., Path]
             async with src.open() as feed:
                 first = await feed.next()
         assert isinstance(first, EncodedFrame) and first.data.startswith(magic)
+
+
+async def test_live_frames_reach_the_sender_in_order_without_a_worker_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera session's frames are encoded already: a hop to a worker thread and back would do nothing, at a cost."""
+
+    async def no_thread(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a live frame went to a worker thread")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+    send, receive = trio.open_memory_channel[EncodedFrame](4)
+    frames = [EncodedFrame(f"{i}.0", b"AAAA") for i in range(3)]
+    source = LiveSource(receive)
+    async with send:
+        for frame in frames:
+            send.send_nowait(frame)
+    async with source.open() as feed:
+        assert await feed.first() == frames[0]
+        assert [await feed.next() for _ in range(4)] == [*frames, None]
+    with pytest.raises(SessionError, match="cannot be streamed twice"):
+        async with source.open():
+            pass
