@@ -374,7 +374,7 @@ def read_jpeg(ref: FrameRef, folder: FrameFolder, quality: int, limits: FrameLim
     check_png(ref.name, data, limits.max_pixels)
     pixels = decode_png(ref.name, data)
     del data  # not held through the encode: each worker decoding holds a frame's buffers
-    return encode_image(pixels.array, ref.timestamp, quality, name=ref.name, order=pixels.order)
+    return encode_image(pixels.array, ref.timestamp, quality, order=pixels.order, name=ref.name)
 
 
 def decode_png(name: str, data: bytes) -> png.Pixels:
@@ -391,26 +391,33 @@ def decode_png(name: str, data: bytes) -> png.Pixels:
     return decoded
 
 
-def encode_image(image: np.ndarray, timestamp: str, quality: int, *, name: str = "",
-                 order: ChannelOrder = "BGR") -> EncodedFrame:
+def encode_image(image: np.ndarray, timestamp: str, quality: int, *, order: ChannelOrder,
+                 name: str = "") -> EncodedFrame:
     """An 8-bit image (``order``: its channels) as a JPEG at ``quality``, base64."""
     return EncodedFrame(timestamp, pybase64.b64encode(encode_jpeg(image, quality, name=name or timestamp,
                                                                   order=order)))
 
 
-def encode_jpeg(image: np.ndarray, quality: int, *, name: str, order: ChannelOrder = "BGR") -> bytes:
-    """An 8-bit H x W x channels image as baseline JPEG bytes at ``quality``, chroma 4:2:0, the accurate DCT;
-    FrameError names ``name``.
+def encode_jpeg(image: np.ndarray, quality: int, *, name: str, order: ChannelOrder) -> bytes:
+    """An 8-bit image as baseline JPEG bytes at ``quality``, chroma 4:2:0; FrameError names ``name``.
 
-    ``order`` names the image's channels (BGR for OpenCV's arrays; RGB or RGBA as PNGs hold them,
-    alpha ignored). libjpeg-turbo through simplejpeg, which lets go of the GIL while it works and
-    reads any of these orders, so no pass reorders the pixels first: 0.85 CPU ms a 640x480 frame at
-    q90, as OpenCV's ``imencode`` (the same settings: same headers and tables, sizes within 1.5%).
+    ``order`` names the image's channels: BGR for OpenCV's arrays, RGB or RGBA as PNGs hold
+    them. As with OpenCV's ``imencode``, a fourth channel is ignored (never composited) and a
+    one-channel image makes a grey JPEG. libjpeg-turbo through simplejpeg, which lets go of the
+    GIL while it works and reads any of these orders, so no pass reorders the pixels first:
+    0.75-0.86 CPU ms a 640x480 frame at q90, as OpenCV's (the same headers and tables; the bytes
+    differ, sizes within 1.5%).
     """
+    colorspace: str = order
+    subsampling = "420"
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        image, colorspace, subsampling = image.reshape(image.shape[0], image.shape[1], 1), "GRAY", "Gray"
+    elif image.ndim == 3 and image.shape[2] == 4 and order == "BGR":
+        colorspace = "BGRA"
     try:
-        data: bytes = simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=int(quality), colorspace=order,
-                                             colorsubsampling="420", fastdct=False)
-    except Exception as exc:  # ValueError for a side over 65,500 pixels, RuntimeError from libjpeg-turbo
+        data: bytes = simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=int(quality),
+                                             colorspace=colorspace, colorsubsampling=subsampling, fastdct=False)
+    except Exception as exc:  # ValueError: a side over 65,500 pixels, a shape or type it cannot take, libjpeg-turbo's
         raise FrameError(name, f"JPEG encoding failed: {describe(exc)}") from None
     return data
 

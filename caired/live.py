@@ -127,7 +127,7 @@ class _Encoded:
 
 
 def _encode(frame: CapturedFrame, quality: int) -> _Encoded:
-    jpeg = encode_jpeg(frame.image, quality, name=frame.timestamp)
+    jpeg = encode_jpeg(frame.image, quality, name=frame.timestamp, order="BGR")
     return _Encoded(jpeg, EncodedFrame(frame.timestamp, pybase64.b64encode(jpeg)))
 
 

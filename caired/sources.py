@@ -2,8 +2,9 @@
 attempt, or a live feed.
 
 A source lists its frames once and, for each attempt, ``open()`` starts a ``Feed``: the
-encoded frames in order, read and encoded in worker threads ahead of the sender, with the
-frames that could not be read reported (once per session) and skipped.
+encoded frames in order, read and encoded in worker threads ahead of the sender (a live
+feed's frames come encoded already), with the frames that could not be read reported (once
+per session) and skipped.
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ def _encode_video_frame(item: video.VideoFrame | FrameError, *, fmt: str, qualit
         if not ok:
             raise FrameError(item.timestamp, "PNG encoding failed")
         return EncodedFrame(item.timestamp, pybase64.b64encode(png.data))
-    return encode_image(item.image, item.timestamp, quality)
+    return encode_image(item.image, item.timestamp, quality, order="BGR")
 
 
 @attrs.define

@@ -396,7 +396,7 @@ def test_any_exception_from_the_encoder_is_that_frames_error(
 
 def test_an_image_past_jpegs_sides_is_that_frames_error() -> None:
     with pytest.raises(FrameError, match=r"wide\.png: JPEG encoding failed: ValueError"):
-        encode_jpeg(np.zeros((1, 70_000, 3), np.uint8), 90, name="wide.png")
+        encode_jpeg(np.zeros((1, 70_000, 3), np.uint8), 90, name="wide.png", order="BGR")
 
 
 def _markers(jpeg: bytes) -> list[bytes]:
@@ -423,7 +423,7 @@ def test_jpegs_are_encoded_with_opencvs_settings(quality: int) -> None:
     image = np.clip(ramp + rng.normal(0, 12, (48, 64, 3)), 0, 255).astype(np.uint8)
     ok, theirs = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), quality])
     assert ok
-    ours = encode_jpeg(image, quality, name="f")
+    ours = encode_jpeg(image, quality, name="f", order="BGR")
     assert _markers(ours) == _markers(theirs.tobytes())
     assert _psnr(ours, image) > _psnr(theirs.tobytes(), image) - 0.25  # dB; q85 instead of q90 loses ~1.5
 
@@ -433,11 +433,41 @@ def test_jpegs_read_the_channels_in_the_order_they_are_given() -> None:
     rgb = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
     rgba = np.dstack([rgb, rng.integers(0, 256, (16, 24, 1), dtype=np.uint8)])  # alpha dropped, never composited
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    as_bgr = encode_jpeg(bgr, 90, name="f")
+    as_bgr = encode_jpeg(bgr, 90, name="f", order="BGR")
     assert encode_jpeg(rgb, 90, name="f", order="RGB") == as_bgr
     assert encode_jpeg(rgba, 90, name="f", order="RGBA") == as_bgr
-    assert encode_jpeg(rgb, 90, name="f") != as_bgr  # red and blue swapped: the order is what tells them apart
-    assert encode_jpeg(bgr[:, ::2], 90, name="f") == encode_jpeg(bgr[:, ::2].copy(), 90, name="f")
+    assert encode_jpeg(rgb, 90, name="f", order="BGR") != as_bgr  # red and blue swapped: the order tells them apart
+    assert encode_jpeg(bgr[:, ::2], 90, name="f", order="BGR") == encode_jpeg(bgr[:, ::2].copy(), 90, name="f",
+                                                                               order="BGR")
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (16, 24, 1), (16, 24, 4)])
+def test_grey_and_four_channel_arrays_encode_as_opencv_encodes_them(shape: tuple[int, ...]) -> None:
+    """A camera or video backend that hands over grey or BGRA frames still gets its frames sent."""
+    image = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    ok, theirs = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), 90])
+    assert ok
+    ours = encode_jpeg(image, 90, name="f", order="BGR")
+    assert _markers(ours) == _markers(theirs.tobytes())  # one component for grey, three for BGRA
+
+
+@pytest.mark.parametrize("colour", [2, 6])  # RGB, RGBA
+def test_a_red_frame_is_sent_red(tmp_path: Path, colour: int) -> None:
+    """Through the whole jpeg path (read, check, decode, encode): the PNG's channel order reaches the encoder."""
+    red = np.zeros((16, 16, 3 if colour == 2 else 4), np.uint8)
+    red[..., 0] = 230  # red, in the PNG's RGB order
+    if colour == 6:
+        red[..., 3] = 255
+    rows = b"".join(b"\0" + row.tobytes() for row in red)
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, colour, 0, 0, 0))
+    (tmp_path / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(rows))
+                                     + chunk(b"IEND", b""))
+    with FrameFolder.open(tmp_path) as folder:
+        [ref] = folder.list().frames
+        frame = encoder("jpeg", 90, folder, LIMITS)(ref)
+    sent = cv2.imdecode(np.frombuffer(base64.b64decode(frame.data), np.uint8), cv2.IMREAD_COLOR)
+    blue, green, red_channel = (float(sent[..., c].mean()) for c in range(3))
+    assert red_channel > 200 and blue < 30 and green < 30
 
 
 def test_a_folder_of_pngs_streams_as_jpeg_without_loading_opencv(frames: Callable[..., Path]) -> None:
