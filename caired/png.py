@@ -23,7 +23,7 @@ Three decoders, tried in turn:
 Pixels come in the channel order their decoder gives (``Pixels``: RGB or RGBA from the
 first two, BGR from OpenCV), which the JPEG encoder takes as it is (``frames.encode_jpeg``):
 no pass to reorder them, and a folder of PNGs streams as JPEG without loading OpenCV (16 MB
-of RSS and 0.12 CPU s at start-up here). ``Pixels.bgr()`` gives OpenCV's array, for tests.
+of RSS and 0.12 CPU s at start-up here). Reversed, the first three channels are OpenCV's array.
 
 The first never refuses a frame: a PNG it does not take exactly as written (another
 format, a filter byte past 4, a critical chunk's CRC that fails, a chunk it does not know
@@ -94,12 +94,6 @@ class Pixels(NamedTuple):
 
     array: np.ndarray
     order: ChannelOrder
-
-    def bgr(self) -> np.ndarray:
-        """H x W x 3 BGR: what ``cv2.imdecode(data, cv2.IMREAD_COLOR)`` gives for the same PNG."""
-        if self.order == "BGR":
-            return self.array
-        return np.ascontiguousarray(self.array[:, :, 2::-1])
 
 
 class Chunk(NamedTuple):

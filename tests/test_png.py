@@ -56,6 +56,11 @@ def make_png(pixels: np.ndarray, colour: int, filters: list[int], *, idat: bytes
     return body + chunk(b"IEND", b"") if end else body
 
 
+def bgr(pixels: png.Pixels) -> np.ndarray:
+    """H x W x 3 BGR: what ``cv2.imdecode(data, cv2.IMREAD_COLOR)`` gives for the PNG these pixels came from."""
+    return pixels.array if pixels.order == "BGR" else np.ascontiguousarray(pixels.array[:, :, 2::-1])
+
+
 def opencv(data: bytes) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None
@@ -70,7 +75,7 @@ def assert_decoded_as_opencv_does(decoded: png.Pixels | None, image: bytes) -> N
     assert decoded is not None
     assert decoded.array.dtype == np.uint8 and decoded.array.flags.c_contiguous
     assert decoded.array.shape[2] == len(decoded.order)  # what the JPEG encoder reads as its channels
-    assert np.array_equal(decoded.bgr(), opencv(image))
+    assert np.array_equal(bgr(decoded), opencv(image))
 
 
 needs_libspng = pytest.mark.skipif(not spng.available(), reason="pyspng (libspng) is not installed")
@@ -108,7 +113,7 @@ def test_without_libspng_any_other_filter_is_handed_on_and_still_decodes_as_open
     image = make_png(pixels_for(colour, height, width, seed=height * 13 + width), colour, filters)
     with patch.object(spng, "available", return_value=False):
         assert (png.decode_common(image) is None) == (max(filters) > 1)
-        assert np.array_equal(frames.decode_png("f.png", image).bgr(), opencv(image))
+        assert np.array_equal(bgr(frames.decode_png("f.png", image)), opencv(image))
 
 
 UNFILTERERS = [pytest.param(True, id="libspng", marks=needs_libspng), pytest.param(False, id="numpy")]
@@ -154,7 +159,7 @@ def test_scanlines_are_wrapped_as_a_png_of_stored_deflate_blocks(colour: int, he
     assert inflater.eof and inflater.unused_data == b"\0\0\0\0"  # the Adler-32, left as zeros
     if colour != 4 and spng.available():  # libspng unfilters what OpenCV does, across the blocks
         real = make_png(np.zeros((height, width, channels), np.uint8), colour, [], idat=zlib.compress(rows.tobytes()))
-        assert np.array_equal(png._colour(spng.unfilter(wrapped), colour).bgr(), opencv(real))
+        assert np.array_equal(bgr(png._colour(spng.unfilter(wrapped), colour)), opencv(real))
 
 
 @needs_libspng
@@ -272,7 +277,7 @@ def test_a_turned_frame_decodes_turned_as_opencv_turns_it() -> None:
     exif = b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0"  # orientation 6
     image = make_png(pixels, 2, [1] * 4, before_idat=chunk(b"eXIf", exif))
     assert png.decode_common(image) is None
-    assert np.array_equal(frames.decode_png("f.png", image).bgr(), opencv(image))
+    assert np.array_equal(bgr(frames.decode_png("f.png", image)), opencv(image))
     assert opencv(image).shape == (5, 4, 3)
 
 

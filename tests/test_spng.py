@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from caired import frames, spng
 from caired.errors import FrameError
+from tests.test_png import bgr
 
 pytestmark = pytest.mark.skipif(not spng.available(), reason="pyspng (libspng) is not installed")
 
@@ -87,7 +88,7 @@ def test_same_pixels_as_opencv_for_every_format(colour: int, depth: int, interla
     data = make_png(samples_for(colour, depth, 37, 53, seed=colour * 100 + depth), colour, depth,
                     interlace=interlace)
     expected = cv2_colour(data)
-    assert np.array_equal(frames.decode_png("f.png", data).bgr(), expected)
+    assert np.array_equal(bgr(frames.decode_png("f.png", data)), expected)
     assert np.array_equal(spng.decode_rgb(data), expected[..., ::-1])
 
 
@@ -102,7 +103,7 @@ def test_transparency_and_gamma_are_not_applied_as_opencv_does_not(colour: int, 
     at = with_trns.index(b"IDAT") - 4
     with_trns = with_trns[:at] + chunk(b"tRNS", trns) + with_trns[at:]
     for png in (data, with_trns):
-        assert np.array_equal(frames.decode_png("f.png", png).bgr(), cv2_colour(png))
+        assert np.array_equal(bgr(frames.decode_png("f.png", png)), cv2_colour(png))
 
 
 @settings(max_examples=60, deadline=None)
@@ -111,7 +112,7 @@ def test_any_size_any_format_decodes_like_opencv(fmt: tuple[int, int], height: i
                                                  seed: int) -> None:
     colour, depth = fmt
     data = make_png(samples_for(colour, depth, height, width, seed), colour, depth, interlace=interlace)
-    assert np.array_equal(frames.decode_png("f.png", data).bgr(), cv2_colour(data))
+    assert np.array_equal(bgr(frames.decode_png("f.png", data)), cv2_colour(data))
 
 
 def test_a_real_frame_decodes_like_opencv() -> None:
@@ -119,7 +120,7 @@ def test_a_real_frame_decodes_like_opencv() -> None:
     image = np.clip(rng.normal(120, 30, (480, 640, 3)), 0, 255).astype(np.uint8)
     ok, buf = cv2.imencode(".png", image)
     assert ok
-    assert np.array_equal(frames.decode_png("f.png", buf.tobytes()).bgr(), image)
+    assert np.array_equal(bgr(frames.decode_png("f.png", buf.tobytes())), image)
 
 
 @pytest.mark.parametrize("damage", ["idat crc", "truncated", "zlib", "no idat"])
@@ -188,7 +189,7 @@ def test_a_text_chunk_that_inflates_to_512_mib_is_refused_without_the_memory() -
         "bomb = b''.join(packer.compress(block) for _ in range(512)) + packer.flush()\n"
         "data = make_png(samples_for(2, 8, 16, 16, 1), 2, 8, extra=chunk(b'zTXt', b'k\\0\\0' + bomb))\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(frames.decode_png('bomb.png', data).bgr().shape)\n"
+        "print(frames.decode_png('bomb.png', data).array.shape)\n"
         "try:\n"
         "    spng.decode_rgb(data)\n"
         "except spng.SpngError as exc:\n"
@@ -205,10 +206,10 @@ def test_a_text_chunk_that_inflates_to_512_mib_is_refused_without_the_memory() -
 
 def test_without_libspng_opencv_decodes_the_same_frame(monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_png(samples_for(6, 16, 30, 20, seed=5), 6, 16, interlace=True)
-    with_libspng = frames.decode_png("f.png", data).bgr()
+    with_libspng = bgr(frames.decode_png("f.png", data))
     monkeypatch.setattr(spng, "decode_rgb", lambda _data: pytest.fail("libspng used"))
     monkeypatch.setattr(spng, "available", lambda: False)
-    assert np.array_equal(frames.decode_png("f.png", data).bgr(), with_libspng)
+    assert np.array_equal(bgr(frames.decode_png("f.png", data)), with_libspng)
 
 
 @pytest.mark.parametrize("kind", [b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tEXt", b"gAMA"])
@@ -221,7 +222,7 @@ def test_a_bad_crc_refuses_a_critical_chunk_and_is_ignored_on_an_ancillary_one_a
     bad = data[:crc_at] + bytes([data[crc_at] ^ 0x01]) + data[crc_at + 1 :]
     opencv = cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR)
     if kind[0] & 0x20 or kind == b"IEND":  # ancillary, or after the image data: libpng only warns
-        assert np.array_equal(frames.decode_png("f.png", bad).bgr(), opencv)
+        assert np.array_equal(bgr(frames.decode_png("f.png", bad)), opencv)
     else:
         assert opencv is None
         with pytest.raises(spng.SpngError, match=f"CRC mismatch in the {kind.decode()} chunk"):
